@@ -1,0 +1,88 @@
+"""Builder functions for Step3p5 configs and freshly initialised checkpoints (no hub, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlstack.model.configuration import FULL, SLIDING, Step3p5Config, default_layer_types
+from rlstack.model.tokenizer import build_tokenizer
+
+
+def step3p5_config(
+    hidden_size: int,
+    num_layers: int,
+    full_heads: int,
+    sliding_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    num_experts: int,
+    top_k: int,
+    expert_dim: int,
+    shared_dim: int,
+    dense_dim: int,
+    sliding_window: int,
+    vocab_size: int = 128,
+    max_positions: int = 2048,
+) -> Step3p5Config:
+    """A Step 3.5 Flash-shaped config: layers 3:1 sliding:full, more query heads on sliding layers,
+    partial RoPE (half the head) with a larger base on full layers, layer 0 dense, the rest MoE."""
+    layer_types = default_layer_types(num_layers)
+    return Step3p5Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=dense_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=full_heads,
+        num_attention_groups=kv_heads,
+        head_dim=head_dim,
+        layer_types=layer_types,
+        sliding_window=sliding_window,
+        attention_other_setting={
+            "attention_type": SLIDING,
+            "num_attention_heads": sliding_heads,
+            "num_attention_groups": kv_heads,
+            "head_dim": head_dim,
+        },
+        rope_theta=[1_000_000.0 if t == FULL else 10_000.0 for t in layer_types],
+        partial_rotary_factors=[0.5 if t == FULL else 1.0 for t in layer_types],
+        max_position_embeddings=max_positions,
+        max_seq_len=max_positions,
+        moe_layers_enum=",".join(str(i) for i in range(1, num_layers)),
+        moe_num_experts=num_experts,
+        moe_top_k=top_k,
+        moe_intermediate_size=expert_dim,
+        share_expert_dim=shared_dim,
+    )
+
+
+def tiny() -> Step3p5Config:
+    """About 2.7M parameters: tests and the CPU demo."""
+    return step3p5_config(
+        hidden_size=192, num_layers=4, full_heads=4, sliding_heads=8, kv_heads=2, head_dim=32,
+        num_experts=8, top_k=2, expert_dim=128, shared_dim=128, dense_dim=512, sliding_window=32,
+    )  # fmt: skip
+
+
+def small() -> Step3p5Config:
+    """About 100M parameters: benchmarks."""
+    return step3p5_config(
+        hidden_size=768, num_layers=8, full_heads=12, sliding_heads=16, kv_heads=4, head_dim=64,
+        num_experts=8, top_k=2, expert_dim=512, shared_dim=1024, dense_dim=2048, sliding_window=256,
+    )  # fmt: skip
+
+
+BUILDERS = {"tiny": tiny, "small": small}
+
+
+def init_checkpoint(config: Step3p5Config, path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised fp32 policy + tokenizer as an HF directory that vLLM loads."""
+    from rlstack.model.modeling import Step3p5ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Step3p5ForCausalLM(config).float()
+    path = Path(path)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path

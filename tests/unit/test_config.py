@@ -1,0 +1,77 @@
+"""Config loading: YAML + dotted overrides, strict keys, one-line errors naming file, key and choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlstack.cli import main
+from rlstack.config import ConfigError, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_shipped_config_parses() -> None:
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs, "configs/ is empty"
+    for path in configs:
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
+    cfg = load_config(
+        REPO / "configs/demo.yaml", ["trainer.steps=7", "algorithm.token_band=[0.25, 4]", "algorithm.name=gspo"]
+    )
+    assert cfg.trainer.steps == 7
+    assert cfg.algorithm.token_band == (0.25, 4.0)
+    assert cfg.algorithm.name == "gspo"
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"step": 3}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "'trainer.step'" in message
+    assert "allowed keys here: run_dir, seed, steps" in message
+    assert "\n" not in message  # one line for one problem
+
+
+def test_wrong_value_lists_the_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"'algorithm.name': Input should be 'mispo', 'grpo', 'gspo' or 'ppo'"):
+        load_config(REPO / "configs/demo.yaml", ["algorithm.name=dpo"])
+    with pytest.raises(ConfigError, match=r"'trainer.steps'.*got 'many'"):
+        load_config(None, ["trainer.steps=many"])
+
+
+def test_malformed_override_and_missing_file_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["trainer.steps"])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_cli_writes_resolved_config_and_reports_errors_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["config", str(REPO / "configs/demo.yaml"), "trainer.steps=3", "--out", str(tmp_path)]) == 0
+    resolved = yaml.safe_load((tmp_path / "config.resolved.yaml").read_text())
+    assert resolved["trainer"]["steps"] == 3
+    assert resolved["algorithm"]["traj_band"] == [0.996, 1.001]  # defaults are filled in
+    assert main(["config", str(REPO / "configs/demo.yaml"), "learner.lr=1e-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "unknown key 'learner'" in err and len(err.splitlines()) == 1
+
+
+def test_help_lists_subcommands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rlstack.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("config", "model"):
+        assert command in out
