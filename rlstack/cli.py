@@ -30,14 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
 
-    p = sub.add_parser("config", help="validate a config (+ key=value overrides) and print or save it resolved")
+    p = sub.add_parser(
+        "config", help="validate a config (+ key=value overrides) and print or save it resolved"
+    )
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     p.add_argument("--out", help="run directory to write config.resolved.yaml into")
     p.set_defaults(handler=cmd_config)
 
-    model = sub.add_parser("model", help="create or check policy checkpoints").add_subparsers(metavar="ACTION")
-    p = model.add_parser("init", help="write a freshly initialised Step3p5 checkpoint (HF format, vLLM-ready)")
+    model = sub.add_parser("model", help="create or check policy checkpoints").add_subparsers(
+        metavar="ACTION"
+    )
+    p = model.add_parser(
+        "init", help="write a freshly initialised Step3p5 checkpoint (HF format, vLLM-ready)"
+    )
     p.add_argument("path")
     p.add_argument("--builder", choices=["tiny", "small"], default="tiny")
     p.add_argument("--seed", type=int, default=0)

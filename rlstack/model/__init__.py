@@ -12,7 +12,6 @@ from rlstack.model.modeling import Step3p5ForCausalLM, Step3p5Output
 from rlstack.model.tokenizer import build_tokenizer
 
 
-
 def register_auto_classes(*config_aliases: type) -> None:
     """Map model_type "step3p5" to our classes. vLLM registers its own config class under the same
     model_type; its plugin (rlstack.rollout.vllm_plugin) passes that class here as an alias, and our

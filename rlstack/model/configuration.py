@@ -7,7 +7,7 @@ model implements are accepted; `validate_supported` names the offending key othe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
@@ -17,7 +17,7 @@ SLIDING = "sliding_attention"
 
 class Step3p5Config(PretrainedConfig):
     model_type = "step3p5"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class Step3p5Config(PretrainedConfig):
         return [int(i) for i in self.moe_layers_enum.split(",") if i.strip()]
 
     def attention_shape(self, layer_idx: int) -> tuple[int, int, int]:
-        """(num_heads, num_kv_heads, head_dim) of a layer; sliding layers may differ (attention_other_setting)."""
+        """(num_heads, num_kv_heads, head_dim) of a layer; see attention_other_setting for sliding layers."""
         other = self.attention_other_setting
         if other and self.layer_types[layer_idx] == other["attention_type"]:
             return other["num_attention_heads"], other["num_attention_groups"], other["head_dim"]
@@ -133,7 +133,9 @@ class Step3p5Config(PretrainedConfig):
         if any(t not in (FULL, SLIDING) for t in self.layer_types):
             problems.append(f"layer_types must be {FULL!r} or {SLIDING!r}, got {self.layer_types}")
         if len(self.layer_types) != self.num_hidden_layers:
-            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            problems.append(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
         if any(f not in (0.5, 1.0) for f in self.partial_rotary_factors):
             problems.append(f"partial_rotary_factors must be 0.5 or 1.0, got {self.partial_rotary_factors}")
         if any(x not in (None, 0) for x in (self.swiglu_limits or [])):

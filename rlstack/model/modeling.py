@@ -147,7 +147,7 @@ class PackedExpertWeight(nn.Module):
 
 
 class Step3p5MoE(nn.Module):
-    """Routed experts (packed weights, vLLM's checkpoint layout) + router with selection bias + shared expert."""
+    """Routed experts (packed weights in vLLM's checkpoint layout) and their router with selection bias."""
 
     def __init__(self, config: Step3p5Config) -> None:
         super().__init__()
@@ -239,14 +239,10 @@ class Step3p5PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Linear, nn.Embedding, PackedExpertWeight)):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, GemmaRMSNorm):
             nn.init.zeros_(module.weight)
-        elif isinstance(module, PackedExpertWeight):
-            nn.init.normal_(module.weight, std=std)
         elif isinstance(module, Step3p5MoE):
             module.router_bias.zero_()
 

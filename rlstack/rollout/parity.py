@@ -50,7 +50,7 @@ def check_logprob_parity(
     model_path: str | Path,
     num_prompts: int = 64,
     max_tokens: int = 32,
-    settings: EngineSettings = EngineSettings(),
+    settings: EngineSettings | None = None,
     seed: int = 0,
 ) -> ParityReport:
     from transformers import AutoModelForCausalLM
@@ -58,9 +58,11 @@ def check_logprob_parity(
 
     import rlstack.model  # noqa: F401  (registers Step3p5 with the Auto classes)
 
-    llm = make_llm(model_path, settings)
+    llm = make_llm(model_path, settings or EngineSettings())
     try:
-        params = SamplingParams(temperature=1.0, max_tokens=max_tokens, logprobs=0, seed=seed, ignore_eos=True)
+        params = SamplingParams(
+            temperature=1.0, max_tokens=max_tokens, logprobs=0, seed=seed, ignore_eos=True
+        )
         llm.generate(synthetic_prompts(4, seed + 1), params, use_tqdm=False)  # warm-up: first call is slow
         start = time.perf_counter()
         outputs = llm.generate(synthetic_prompts(num_prompts, seed), params, use_tqdm=False)

@@ -24,7 +24,8 @@ def test_every_shipped_config_parses() -> None:
 
 def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
     cfg = load_config(
-        REPO / "configs/demo.yaml", ["trainer.steps=7", "algorithm.token_band=[0.25, 4]", "algorithm.name=gspo"]
+        REPO / "configs/demo.yaml",
+        ["trainer.steps=7", "algorithm.token_band=[0.25, 4]", "algorithm.name=gspo"],
     )
     assert cfg.trainer.steps == 7
     assert cfg.algorithm.token_band == (0.25, 4.0)
@@ -43,14 +44,16 @@ def test_unknown_key_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
 
 
 def test_wrong_value_lists_the_allowed_values() -> None:
-    with pytest.raises(ConfigError, match=r"'algorithm.name': Input should be 'mispo', 'grpo', 'gspo' or 'ppo'"):
+    with pytest.raises(
+        ConfigError, match=r"'algorithm.name': Input should be 'mispo', 'grpo', 'gspo' or 'ppo'"
+    ):
         load_config(REPO / "configs/demo.yaml", ["algorithm.name=dpo"])
     with pytest.raises(ConfigError, match=r"'trainer.steps'.*got 'many'"):
         load_config(None, ["trainer.steps=many"])
 
 
 def test_malformed_override_and_missing_file_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         load_config(None, ["trainer.steps"])
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml")

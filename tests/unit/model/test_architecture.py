@@ -52,7 +52,9 @@ def test_head_gate_changes_only_its_own_head(model: Step3p5ForCausalLM) -> None:
     assert changed == [3]
 
 
-def test_exactly_top_k_experts_per_token_and_shared_expert_sees_every_token(model: Step3p5ForCausalLM) -> None:
+def test_exactly_top_k_experts_per_token_and_shared_expert_sees_every_token(
+    model: Step3p5ForCausalLM,
+) -> None:
     ids = torch.randint(0, 128, (3, 11))
     seen_by_shared: list[int] = []
     hooks = [

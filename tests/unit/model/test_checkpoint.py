@@ -58,7 +58,9 @@ def test_tokenizer_round_trips_task_text(tiny_checkpoint: Path) -> None:
     assert tok.decode(ids) == text
     assert tok.unk_token_id not in ids
     assert len(ids) < len(text)  # `Solve`, `for`, `Answer`, `\boxed` are single tokens
-    chat = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], add_generation_prompt=True, tokenize=False
+    )
     assert chat == "<|user|>1+1?<|assistant|>"
     assert tok.eos_token_id == 2 and tok.pad_token_id == 0
 

@@ -1,0 +1,55 @@
+"""AlgorithmConfig: defaults from docs/MISPO.md, strict parsing, readable errors."""
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from rlstack.mispo import AlgorithmConfig
+
+
+def test_defaults_follow_the_spec():
+    cfg = AlgorithmConfig()
+    assert cfg.name == "mispo"
+    assert cfg.token_band == (0.5, 2.0)
+    assert cfg.traj_band == (0.996, 1.001)
+    assert cfg.traj_filter == "fixed"
+    assert cfg.adaptive_ema == 0.9
+    assert cfg.adaptive_log_band_min == pytest.approx(math.log(1.0002))
+    assert cfg.adaptive_log_band_max == pytest.approx(math.log(1.01))
+    assert (cfg.clip_eps, cfg.gspo_clip_eps) == (0.2, 1e-4)
+    assert (cfg.advantage, cfg.loss_norm, cfg.kl_coef, cfg.tis_cap) == ("group", "token_mean", 0.0, None)
+
+
+def test_every_field_has_a_docstring():
+    missing = [name for name, f in AlgorithmConfig.model_fields.items() if not f.description]
+    assert missing == []
+
+
+def test_yaml_style_lists_parse_to_tuples():
+    cfg = AlgorithmConfig.model_validate({"token_band": [0.25, 4], "traj_filter": "off"})
+    assert cfg.token_band == (0.25, 4.0)
+
+
+def test_unknown_field_is_rejected():
+    with pytest.raises(ValidationError, match="extra"):
+        AlgorithmConfig(token_bnad=(0.5, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_band": (2.0, 0.5)}, "token_band = \\(2.0, 0.5\\): need 0 < lo <= hi"),
+        ({"traj_band": (0.0, 1.0)}, "traj_band"),
+        ({"adaptive_target_acceptance": 0.0}, "adaptive_target_acceptance"),
+        ({"adaptive_ema": 1.0}, "adaptive_ema"),
+        ({"adaptive_log_band_min": 0.1, "adaptive_log_band_max": 0.01}, "need 0 < min <= max"),
+        ({"clip_eps": 0.0}, "clip_eps"),
+        ({"tis_cap": -1.0}, "tis_cap"),
+        ({"kl_coef": -0.001}, "kl_coef"),
+        ({"name": "ppo2"}, "mispo"),
+    ],
+)
+def test_invalid_values_give_clear_errors(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        AlgorithmConfig(**kwargs)
