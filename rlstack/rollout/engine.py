@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,12 +39,30 @@ class EngineSettings:
 
 def make_llm(model_path: str | Path, settings: EngineSettings | None = None) -> LLM:
     settings = settings or EngineSettings()
+    # vLLM leaves its ZMQ IPC sockets (and inductor scratch) in the temp dir; give each engine a private
+    # one that close_llm removes, so repeated engines do not litter /tmp. Spawned engine processes
+    # inherit TMPDIR; this process gets its own back once the engine is up.
+    scratch = tempfile.mkdtemp(prefix="rlstack-vllm-")
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = os.environ["VLLM_RPC_BASE_PATH"] = scratch
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.multiprocessing else "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.threads_bind
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     from vllm import LLM
 
+    try:
+        llm = _start_llm(LLM, model_path, settings)
+    finally:
+        if previous_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmpdir
+    llm._rlstack_scratch = scratch  # type: ignore[attr-defined]
+    return llm
+
+
+def _start_llm(LLM: type, model_path: str | Path, settings: EngineSettings) -> LLM:
     return LLM(
         model=str(model_path),
         dtype=settings.dtype,
@@ -53,6 +73,7 @@ def make_llm(model_path: str | Path, settings: EngineSettings | None = None) -> 
         logprobs_mode="raw_logprobs",
         enable_prefix_caching=False,
         enforce_eager=settings.enforce_eager,
+        worker_extension_cls="rlstack.rollout.weight_sync.WorkerExtension",
     )
 
 
@@ -62,5 +83,8 @@ def close_llm(llm: LLM) -> None:
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+    scratch = getattr(llm, "_rlstack_scratch", None)
     del llm
     gc.collect()
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)

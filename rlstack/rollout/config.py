@@ -1,0 +1,45 @@
+"""Config of the rollout side: how many vLLM workers, how they sample, how much memory they take."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlstack.config import StrictModel
+
+
+class SamplingConfig(StrictModel):
+    n: int = Field(8, ge=1)
+    """Responses sampled per prompt (the group size of group advantages)."""
+    max_tokens: int = Field(64, ge=1)
+    """Length limit of a response; responses that hit it finish with reason `length`."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature. Keep 1.0 for RL: the recorded log-probs are then those of the policy itself."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling; below 1 the sampled distribution is no longer the policy's (MIS-PO will see it)."""
+    seed: int = 0
+    """Base seed; request i of a call is sampled with seed + i, so a batch is reproducible."""
+
+
+class RolloutConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    """vLLM engines (Ray actors). Prompts are spread over them."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Ray CPUs reserved by each rollout actor."""
+    sampling: SamplingConfig = SamplingConfig()
+    """How responses are sampled."""
+    max_model_len: int = Field(512, ge=16)
+    """Longest prompt + response the engine accepts."""
+    kv_cache_mb: int = Field(64, ge=1)
+    """Explicit KV-cache size per engine, in MiB (never a fraction of the machine's memory)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences the engine batches at once."""
+    multiprocessing: bool = False
+    """Run vLLM's engine core in its own process (vLLM's default) instead of inside the actor."""
+    enforce_eager: bool = True
+    """Skip torch.compile in vLLM (faster to start and, for tiny models on CPU, faster to run)."""
+    threads_bind: str = "nobind"
+    """VLLM_CPU_OMP_THREADS_BIND for the engine: 'nobind', or a core list like '0' to pin it."""
+    weight_sync: Literal["object_store"] = "object_store"
+    """How new weights reach the engines: Ray's object store (CPU and multi-node)."""
