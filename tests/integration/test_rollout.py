@@ -94,3 +94,13 @@ def _greedy_params():
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=10)
+
+
+def test_large_seeded_batch_is_reproducible(group: RolloutGroup) -> None:
+    """More sequences than an engine batches at once (max_num_seqs 256), each request seeded: the
+    output repeats exactly, whatever the scheduler's batching (needed for replayable runs)."""
+    prompts = [Prompt(f"q{i}", text=f"<|user|>Compute {i}*{i + 7}.<|assistant|>") for i in range(128)]
+    sampling = SamplingConfig(n=8, max_tokens=4, seed=11)  # 512 sequences per engine
+    first = group.generate(prompts, sampling)
+    assert len(first) == 1024
+    assert [r.response_ids for r in group.generate(prompts, sampling)] == [r.response_ids for r in first]
