@@ -1,0 +1,34 @@
+"""Reward config: which plugins score a rollout and with what weight."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from rlstack.config_base import StrictModel
+
+
+class RewardSpec(StrictModel):
+    """One reward plugin, by registered name or by import path, and its weight in the sum."""
+
+    name: str | None = None
+    """A registered reward (`rlstack rewards list`): in-tree (math, puzzle) or from the `rlstack.rewards`
+    entry-point group of an installed package."""
+    import_path: str | None = None
+    """`package.module:function` of a TRL-style reward function, imported by each reward worker."""
+    weight: float = 1.0
+    """Multiplies this reward in the weighted sum over the rewards that apply to a sample."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.name is None) == (self.import_path is None):
+            raise ValueError(
+                "a reward needs exactly one of `name` (registered) or `import_path` (pkg.mod:fn)"
+            )
+        if self.import_path is not None and ":" not in self.import_path:
+            raise ValueError(f"import_path '{self.import_path}' must look like package.module:function")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How metrics and errors name this reward."""
+        return self.name if self.name is not None else str(self.import_path)
