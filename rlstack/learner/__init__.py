@@ -1,0 +1,80 @@
+"""The policy learner: DeepSpeed ZeRO ranks as Ray actors, log-prob recompute, MIS-PO updates, weight export.
+
+Names resolve lazily (like `rlstack.mispo`): `from rlstack.learner import LearnerConfig` imports pydantic
+only, and nothing here imports DeepSpeed or Ray until a worker is set up.
+
+Public API
+- `LearnerConfig` (pydantic; field docstrings).
+- `PolicyBatch`, `collate(rollouts, pad_id) -> PolicyBatch`: right-padded (B, L) tensors; per-token values
+  sit at the position of the token they score; `loss_mask` is 1 on policy-generated tokens only.
+- `token_logprobs(model, input_ids, attention_mask, return_entropy=False)`, `score_tokens`,
+  `logprobs_from_logits`, `entropy_from_logits`, `TokenScores`.
+- `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, micro_batch_size)`: one rank's
+  micro-batched forward/backward with the global normaliser (plain torch; `TorchSink`, `LocalReducer`).
+- `LearnerWorker` (one rank, a Ray actor's class), `LearnerGroup(model_path, learner_cfg, run_env)`:
+  `compute_logprobs`, `train_step`, `export_weights`, `save_checkpoint`, `load_checkpoint`, `shutdown`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_MODULE_OF = {
+    "LearnerConfig": "config",
+    "PolicyBatch": "batch",
+    "collate": "batch",
+    "TokenScores": "logprobs",
+    "entropy_from_logits": "logprobs",
+    "logprobs_from_logits": "logprobs",
+    "score_tokens": "logprobs",
+    "token_logprobs": "logprobs",
+    "LocalReducer": "step",
+    "MetricSums": "step",
+    "TorchSink": "step",
+    "accumulate_minibatch": "step",
+    "LearnerWorker": "worker",
+    "LearnerGroup": "group",
+}
+__all__ = [
+    "LearnerConfig",
+    "LearnerGroup",
+    "LearnerWorker",
+    "LocalReducer",
+    "MetricSums",
+    "PolicyBatch",
+    "TokenScores",
+    "TorchSink",
+    "accumulate_minibatch",
+    "collate",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "score_tokens",
+    "token_logprobs",
+]
+
+if TYPE_CHECKING:
+    from rlstack.learner.batch import PolicyBatch, collate
+    from rlstack.learner.config import LearnerConfig
+    from rlstack.learner.group import LearnerGroup
+    from rlstack.learner.logprobs import (
+        TokenScores,
+        entropy_from_logits,
+        logprobs_from_logits,
+        score_tokens,
+        token_logprobs,
+    )
+    from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch
+    from rlstack.learner.worker import LearnerWorker
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # cache: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,64 @@
+"""Typed configuration of the learner: data-parallel ranks, ZeRO stage, optimizer, micro-batching.
+
+Imports pydantic only (no torch, no DeepSpeed), so a run config validates before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlstack.config_base import StrictModel
+
+
+class LearnerConfig(StrictModel):
+    """How the policy is trained: DeepSpeed ZeRO over `num_ranks` Ray actors, AdamW, micro-batching."""
+
+    num_ranks: int = Field(1, ge=1)
+    """Data-parallel learner ranks (one Ray actor each). Results equal one rank up to float rounding:
+    the loss normaliser is global and gradients are summed exactly over ranks."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients,
+    3 = + parameters (gathered on the fly; MoE blocks are gathered whole)."""
+
+    lr: float = Field(3e-4, gt=0.0)
+    """AdamW learning rate (constant)."""
+
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay, applied to matrices only (norm weights and vectors are exempt)."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+
+    adam_eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon. Adam's first steps move each weight by about lr * g / (|g| + eps), so weights whose
+    gradient is near 0 move by rounding noise; a larger eps (1e-6) damps that where runs must match."""
+
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient 2-norm of each optimizer step to this value; 0 disables clipping."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    """Rows (sequences) per forward/backward pass on one rank; gradients accumulate across micro-batches."""
+
+    n_minibatches: int = Field(1, ge=1)
+    """Optimizer steps per `train_step`: the step's batch is split into this many mini-batches, each
+    normalised on its own (docs/MISPO.md, recipe step 6)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: `gloo` on CPU, `nccl` on GPU; `auto` picks nccl when the Ray cluster has
+    GPUs (one per rank) and gloo otherwise."""
+
+    seed: int = 0
+    """Seed of each rank's torch/numpy/python RNGs (rank r uses seed + r)."""
+
+    cpus_per_rank: float = Field(1.0, gt=0.0)
+    """Ray CPUs reserved per learner actor (fractional is allowed, e.g. 0.5 to share a core in tests)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnerConfig:
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"learner.betas = ({b1}, {b2}): both must be in [0, 1), e.g. [0.9, 0.95]")
+        return self

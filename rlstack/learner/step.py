@@ -1,0 +1,239 @@
+"""One mini-batch of policy-gradient accumulation on one data-parallel rank, in plain PyTorch.
+
+No DeepSpeed here: the worker plugs its engine in through `GradSink`, tests plug in `loss.backward()`.
+The arithmetic that makes N ranks equal one rank (and 8 micro-batches of 1 equal 1 of 8):
+
+- the loss normaliser (generated tokens or sequences of the WHOLE mini-batch) is a sum over ranks of
+  local counts, all-reduced before the first forward;
+- each micro-batch's loss is `sum(its tokens) / global normaliser`, so micro-batch losses and gradients
+  add up to the mini-batch's over all ranks;
+- data parallelism AVERAGES gradients over W ranks, so each rank backpropagates W * loss; and the engine
+  must not divide by its accumulation count (DeepSpeed: `backward(loss, scale_wrt_gas=False)`).
+Every rank runs the same number of forward/backward passes (inert micro-batches pad the short ones),
+because ZeRO-3 gathers parameters with collectives inside each forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from rlstack.learner.batch import PolicyBatch
+from rlstack.learner.logprobs import score_tokens
+from rlstack.mispo import AlgorithmConfig, compute_policy_loss
+
+# Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
+SUMMED = ("actor/loss", "actor/pg_loss")
+
+
+class Reducer(Protocol):
+    """Collectives over the data-parallel group (in place on float64 CPU tensors)."""
+
+    world_size: int
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalReducer:
+    """A single process: every collective is the identity."""
+
+    world_size = 1
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class DistReducer:
+    """torch.distributed's default group (gloo or nccl; tensors are moved to `device` for the call)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world_size = dist.get_world_size()
+        self.device = device
+
+    def _reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        moved = t.to(self.device)
+        dist.all_reduce(moved, op=op)
+        t.copy_(moved.cpu())
+        return t
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+
+class GradSink(Protocol):
+    """Where micro-batch losses go: `begin(is_last)` before each forward, `backward(loss)` after it."""
+
+    def begin(self, is_last: bool) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+
+class TorchSink:
+    """Plain autograd accumulation into `.grad` (tests, and a single process without DeepSpeed)."""
+
+    def begin(self, is_last: bool) -> None:
+        pass
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+@dataclass
+class MetricSums:
+    """Metric accumulators: `sums[k]` adds up; `weighted[k] = (sum of w * value, sum of w)`."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weighted: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def add_weighted(self, key: str, value: float, weight: float) -> None:
+        acc = self.weighted.setdefault(key, [0.0, 0.0])
+        acc[0] += value * weight
+        acc[1] += weight
+
+    def merge(self, other: MetricSums) -> None:
+        for k, v in other.sums.items():
+            self.add(k, v)
+        for k, (vw, w) in other.weighted.items():
+            acc = self.weighted.setdefault(k, [0.0, 0.0])
+            acc[0] += vw
+            acc[1] += w
+
+    def all_reduce(self, reducer: Reducer) -> MetricSums:
+        """Sum every accumulator over ranks (every rank must hold the same keys)."""
+        keys, wkeys = sorted(self.sums), sorted(self.weighted)
+        n = len(keys) + len(wkeys)
+        lo_hi = reducer.max_(torch.tensor([n, -n], dtype=torch.float64))
+        if lo_hi[0] != n or -lo_hi[1] != n:
+            raise RuntimeError(f"learner ranks produced different metric keys ({n} here); cannot reduce them")
+        flat = [self.sums[k] for k in keys] + [x for k in wkeys for x in self.weighted[k]]
+        t = reducer.sum_(torch.tensor(flat, dtype=torch.float64))
+        out = MetricSums(sums={k: float(t[i]) for i, k in enumerate(keys)})
+        base = len(keys)
+        for i, k in enumerate(wkeys):
+            out.weighted[k] = [float(t[base + 2 * i]), float(t[base + 2 * i + 1])]
+        return out
+
+    def result(self) -> dict[str, float]:
+        out = dict(self.sums)
+        for k, (vw, w) in self.weighted.items():
+            out[k] = vw / w if w > 0 else 0.0
+        return out
+
+
+def local_norm_count(loss_mask: torch.Tensor, loss_norm: str) -> int:
+    """This rank's share of `mispo.loss_normalizer` before its clamp to >= 1: generated tokens
+    (`token_mean`) or sequences with at least one generated token (`seq_mean`)."""
+    mask = loss_mask.bool()  # (B, T)
+    return int(mask.sum()) if loss_norm == "token_mean" else int(mask.any(-1).sum())
+
+
+def global_normalizer(shard: PolicyBatch, loss_norm: str, reducer: Reducer) -> float:
+    """The mini-batch normaliser over all ranks' shards, as `mispo.loss_normalizer` of the whole batch."""
+    count = reducer.sum_(torch.tensor([local_norm_count(shard.loss_mask, loss_norm)], dtype=torch.float64))
+    return float(max(int(count.item()), 1))
+
+
+def padded_micro_batches(shard: PolicyBatch, micro_batch_size: int, reducer: Reducer) -> list[PolicyBatch]:
+    """The shard in micro-batches, padded with inert copies (loss mask 0) to the largest count of any rank."""
+    if len(shard) == 0:
+        raise ValueError("a learner rank got no rows; give every rank at least one row per mini-batch")
+    micro = shard.chunks(micro_batch_size)
+    n = int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item())
+    inert = shard.select(slice(0, 1)).inert_copy()
+    return micro + [inert] * (n - len(micro))
+
+
+def check_trainable(batch: PolicyBatch) -> None:
+    if batch.old_logp is None:
+        raise ValueError("PolicyBatch.old_logp is None: compute pi_old with compute_logprobs(batch) first")
+    if batch.advantages is None:
+        raise ValueError("PolicyBatch.advantages is None: set them with rlstack.mispo.compute_advantages")
+
+
+def accumulate_minibatch(
+    model: Callable[..., object],
+    shard: PolicyBatch,
+    algo_cfg: AlgorithmConfig,
+    sink: GradSink,
+    reducer: Reducer,
+    micro_batch_size: int,
+    device: torch.device | None = None,
+) -> MetricSums:
+    """Forward/backward this rank's rows of one mini-batch into `sink`; returns this rank's metric sums
+    (all-reduce them for the global numbers). Gradients afterwards are exactly those of the mini-batch
+    loss once the caller's data-parallel layer has averaged them over ranks."""
+    check_trainable(shard)
+    normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)
+    micro = padded_micro_batches(shard, micro_batch_size, reducer)
+    stats = MetricSums()
+    for i, mb in enumerate(micro):
+        sink.begin(is_last=i == len(micro) - 1)
+        mb = _to(mb.trim(), device or torch.device("cpu"))
+        scores = score_tokens(model, mb.input_ids, mb.attention_mask)
+        loss, metrics = compute_policy_loss(
+            algo_cfg,
+            scores.logp,
+            mb.old_logp,
+            mb.rollout_logp,
+            mb.advantages,
+            mb.loss_mask,
+            normalizer,
+            filter_result=mb.filter,
+            ref_logp=mb.ref_logp,
+            entropy=scores.entropy,
+        )
+        sink.backward(loss * reducer.world_size)
+        _collect(stats, metrics, mb, scores.routing_confidence)
+    return stats
+
+
+def _collect(
+    stats: MetricSums, metrics: dict[str, float], mb: PolicyBatch, routing: torch.Tensor | None
+) -> None:
+    """Fold one micro-batch's metrics in. Every rank must create the same keys, in every micro-batch
+    (inert ones included, with weight 0), or the all-reduce of the sums would not line up."""
+    mask = mb.loss_mask.bool()  # (b, T)
+    n_tok = float(mask.sum())
+    for k, v in metrics.items():
+        if k in SUMMED:
+            stats.add(k, v)
+        else:
+            stats.add_weighted(k, v if n_tok else 0.0, n_tok)
+    stats.add("batch/tokens", n_tok)
+    stats.add("batch/sequences", float(mask.any(-1).sum()))
+    if routing is not None:
+        stats.add_weighted("actor/routing_confidence", float(routing[mask].mean()) if n_tok else 0.0, n_tok)
+
+
+def _to(batch: PolicyBatch, device: torch.device) -> PolicyBatch:
+    if device.type == "cpu":
+        return batch
+    moved = {k: v.to(device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    flt = batch.filter
+    if flt is not None:
+        names = ("token_mask", "traj_mask", "combined", "log_ratio", "log_rho")
+        flt = dataclasses.replace(flt, **{name: getattr(flt, name).to(device) for name in names})
+    return batch.replace(**moved, filter=flt)
+
+
+def iter_minibatches(batch: PolicyBatch, n: int) -> Iterator[PolicyBatch]:
+    """The step's batch as `n` contiguous mini-batches (one optimizer step each)."""
+    if n > len(batch):
+        raise ValueError(f"learner.n_minibatches = {n} but the batch has only {len(batch)} rows")
+    yield from batch.split(n)

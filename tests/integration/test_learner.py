@@ -1,0 +1,214 @@
+"""The learner on real Ray + DeepSpeed (CPU, gloo, tiny Step3p5): ZeRO stages 1-3 on 2 ranks reproduce
+stage 0 on 1 rank, weights export under vLLM's names, checkpoints resume exactly, nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+from safetensors import safe_open
+
+from rlstack.learner import LearnerConfig, LearnerGroup, PolicyBatch, collate
+from rlstack.mispo import AlgorithmConfig, compute_advantages
+from rlstack.model import Step3p5ForCausalLM
+from rlstack.types import Rollout
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
+
+ALGO = AlgorithmConfig(name="mispo", traj_filter="off", token_band=(0.3, 3.0))  # rejects some tokens
+TOL = 1e-5
+# Adam moves a weight by ~lr * g / (|g| + eps): with eps 1e-8 the few weights whose gradient is ~1e-8 move by
+# summation-order noise (measured up to 1.6e-5 between 1 and 2 ranks, 5.6e-6 between micro-batch sizes on
+# one rank). eps 1e-6 damps those to ~1e-6 while leaving the step itself unchanged.
+EPS = 1e-6
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running, not a zombie: this machine's PID 1 is slow to reap orphans, which hold no resources."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _learner_processes() -> list[psutil.Process]:
+    """Live learner actor processes (Ray titles them `ray::LearnerWorker...`)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "LearnerWorker" in cmd and p.pid != os.getpid() and _alive(p):
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    state = {"shm": _shm_entries(), "children": {p.pid for p in psutil.Process().children(recursive=True)}}
+    # address="local": a private cluster even if another one runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield state
+    ray.shutdown()
+
+
+def make_batch(n: int, seed: int) -> PolicyBatch:
+    """n ragged rollouts (tool spans in some), groups of 4, rollout log-probs near a uniform policy."""
+    rng = random.Random(seed)
+    rollouts = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(4, 128) for _ in range(rng.randrange(1, 8))]
+        response = [rng.randrange(4, 128) for _ in range(rng.randrange(1, 20))]
+        mask = [1] * len(response)
+        if i % 3 == 2 and len(response) > 3:
+            mask[1:3] = [0, 0]
+        rollouts.append(
+            Rollout(
+                prompt_id=f"p{i // 4}", prompt_ids=prompt, response_ids=response,
+                response_logprobs=[-4.8 + rng.gauss(0.0, 0.6) for _ in response], response_mask=mask,
+                finish_reason="stop", version=0, reward=float(rng.random() < 0.5),
+            )
+        )  # fmt: skip
+    batch = collate(rollouts, pad_id=0)
+    adv, _ = compute_advantages(ALGO, batch.rewards, batch.loss_mask, group_ids=batch.group_ids)
+    return batch.replace(advantages=adv)
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = TOL) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _checkpoint_names(path: Path) -> set[str]:
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tiny_checkpoint: Path) -> dict:
+    """Stage 0 on one rank, whole mini-batches in one micro-batch: the numbers every set-up must hit."""
+    batch = make_batch(15, seed=1)
+    cfg = LearnerConfig(num_ranks=1, zero_stage=0, micro_batch_size=16, n_minibatches=2, adam_eps=EPS)
+    with LearnerGroup(tiny_checkpoint, cfg) as group:
+        initial = group.export_weights()
+        old_logp = group.compute_logprobs(batch)
+        start = time.perf_counter()
+        metrics = group.train_step(batch.replace(old_logp=old_logp), ALGO)
+        step_s = time.perf_counter() - start
+        after = group.export_weights()
+    return {"batch": batch, "initial": initial, "old_logp": old_logp, "metrics": metrics, "after": after,
+            "step_s": step_s}  # fmt: skip
+
+
+def test_reference_step_trains_and_exports_checkpoint_names(reference: dict, tiny_checkpoint: Path) -> None:
+    initial, after, metrics = reference["initial"], reference["after"], reference["metrics"]
+    assert set(after) == _checkpoint_names(tiny_checkpoint)  # includes the router_bias buffers
+    assert all(t.dtype == torch.float32 for t in after.values())
+    changed = {k for k in after if not torch.equal(after[k], initial[k])}
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.1.moe.gate_proj.weight"} <= changed
+    assert not any("router_bias" in k for k in changed)  # a buffer: never trained
+    assert metrics["learner/version"] == 1.0
+    assert 0.0 < metrics["actor/train_frac"] < 1.0  # the token band rejected some tokens
+    assert metrics["batch/tokens"] == float(reference["batch"].loss_mask.sum())
+    assert metrics["actor/grad_norm"] > 0 and metrics["actor/lr"] == pytest.approx(3e-4)
+    assert 0.0 < metrics["actor/routing_confidence"] < 1.0 and metrics["actor/entropy"] > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_on_two_ranks_matches_stage0_on_one(
+    stage: int, reference: dict, tiny_checkpoint: Path
+) -> None:
+    # micro-batch 3: 15 rows -> mini-batches of 8 and 7 -> shards 4/4 and 4/3 -> uneven micro-batch counts
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=3, n_minibatches=2, adam_eps=EPS)
+    batch = reference["batch"]
+    with LearnerGroup(tiny_checkpoint, cfg) as group:
+        old_logp = group.compute_logprobs(batch)
+        assert float((old_logp - reference["old_logp"]).abs().max()) < TOL
+        metrics = group.train_step(batch, ALGO)  # old_logp recomputed inside, as the driver may leave it
+        after = group.export_weights()
+    assert set(after) == _checkpoint_names(tiny_checkpoint)
+    assert _close(after, reference["after"]) < TOL
+    assert _close(after, reference["initial"]) > 1e-4  # and the step did move the weights
+    for key in ("actor/loss", "actor/entropy", "actor/train_frac", "actor/grad_norm", "batch/tokens"):
+        assert metrics[key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert not _wait_gone(_learner_processes, 20), "learner actors outlived shutdown()"
+
+
+def _wait_gone(probe, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while (left := probe()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_save_load_resumes_exactly(stage: int, ray_cluster, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4, adam_eps=EPS)
+    batch1, batch2 = make_batch(8, seed=2), make_batch(8, seed=3)
+    ckpt = tmp_path / "step_1"
+    with LearnerGroup(tiny_checkpoint, cfg) as first:
+        first.train_step(batch1, ALGO)
+        saved = first.export_weights()
+        first.save_checkpoint(ckpt)
+        saved_opt = ray.get([a.optimizer_state.remote() for a in first.actors])
+        first.train_step(batch2, ALGO)
+        expected = first.export_weights()
+
+    # the directory is an HF checkpoint vLLM can load: config, weights under checkpoint names, tokenizer
+    expected_files = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert expected_files | {"trainer_state"} <= set(os.listdir(ckpt))
+    assert _checkpoint_names(ckpt) == _checkpoint_names(tiny_checkpoint)
+    hf = Step3p5ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    assert all(torch.equal(hf[k], saved[k]) for k in saved)
+
+    with LearnerGroup(ckpt, cfg) as resumed:
+        assert resumed.load_checkpoint(ckpt) == 1 and resumed.version == 1
+        assert all(torch.equal(v, saved[k]) for k, v in resumed.export_weights().items())
+        restored_opt = ray.get([a.optimizer_state.remote() for a in resumed.actors])
+        for before, after in zip(saved_opt, restored_opt, strict=True):
+            assert before.keys() == after.keys() and len(before) > 0
+            assert all(torch.equal(before[k], after[k]) for k in before)
+        resumed.train_step(batch2, ALGO)  # the same next step, bit for bit
+        assert all(torch.equal(v, expected[k]) for k, v in resumed.export_weights().items())
+
+
+def test_weight_broadcast_after_a_step_completes(ray_cluster, tiny_checkpoint: Path) -> None:
+    """DeepSpeed >= 0.17.3 passes device_id to init_process_group; with it, open-instruct saw the weight
+    sync after the first training step hang once a further process group was in play. We create the
+    default group ourselves without device_id; here a fresh group broadcasts rank 0's weights after a
+    step (ZeRO-3, so the export itself is collective) and must finish within the timeout."""
+    cfg = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=8, adam_eps=EPS)
+    batch = make_batch(8, seed=4)
+    with LearnerGroup(tiny_checkpoint, cfg) as group:
+        infos = ray.get([a.dist_info.remote() for a in group.actors])
+        assert [i["rank"] for i in infos] == [0, 1] and all(i["world_size"] == 2 for i in infos)
+        assert all(i["bound_device_id"] is None and i["backend"] == "gloo" for i in infos)
+        group.train_step(batch, ALGO)
+        sums = group.check_weight_broadcast(timeout_s=30)
+        weights = group.export_weights()
+        expected = sum(float(w.double().sum()) for w in weights.values())
+        assert sums == pytest.approx([expected, expected], rel=1e-12)
+        group.train_step(batch, ALGO)  # the default group still works after the extra one came and went
+        assert group.version == 2
+
+
+def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
+    ray.shutdown()
+
+    def started() -> list[psutil.Process]:
+        children = psutil.Process().children(recursive=True)
+        return [p for p in children if p.pid not in ray_cluster["children"] and _alive(p)]
+
+    assert not _wait_gone(started, 30), "processes outlived ray.shutdown()"
+    assert not _learner_processes()
+    ours = ("deepspeed", "plasma", "ray", "torch_")  # only our stack's names: other tests may run beside us
+    leaked = {e for e in _shm_entries() - ray_cluster["shm"] if e.startswith(ours)}
+    assert not leaked, f"/dev/shm entries left behind: {sorted(leaked)}"

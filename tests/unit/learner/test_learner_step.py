@@ -1,0 +1,146 @@
+"""Accumulation arithmetic without DeepSpeed: 8x1 == 1x8 micro-batches, and N data-parallel ranks (threads
+with a barrier all-reduce, gradients averaged as data parallelism does) == one rank on the whole batch."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from rlstack.learner.batch import PolicyBatch
+from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch
+from rlstack.mispo import AlgorithmConfig, MISFilter, compute_advantages
+from rlstack.model import Step3p5ForCausalLM
+
+CONFIGS = [
+    AlgorithmConfig(name="mispo", traj_filter="off", token_band=(0.3, 3.0)),
+    # a wide adaptive band: the batch's rollout log-probs are noisy, a paper-width band would reject all
+    AlgorithmConfig(name="mispo", traj_filter="adaptive", adaptive_log_band_max=1.0, loss_norm="seq_mean"),
+    AlgorithmConfig(name="grpo", traj_filter="off", tis_cap=2.0),
+]
+
+
+def _prepared(policy: Step3p5ForCausalLM, batch: PolicyBatch, cfg: AlgorithmConfig) -> PolicyBatch:
+    """old log-probs from the policy, a batch-level MIS filter and group advantages, as the driver does."""
+    from rlstack.learner.logprobs import token_logprobs
+
+    with torch.no_grad():
+        old = token_logprobs(policy, batch.input_ids, batch.attention_mask) * batch.loss_mask
+    # the rollout engine's log-probs: pi_old plus noise, so that the MIS bands accept some tokens, not all
+    noise = torch.randn(old.shape, generator=torch.Generator().manual_seed(0))
+    batch = batch.replace(rollout_logp=(old + 0.7 * noise) * batch.loss_mask)
+    flt = MISFilter(cfg)(old, batch.rollout_logp, batch.loss_mask)
+    adv, _ = compute_advantages(cfg, batch.rewards, batch.loss_mask, group_ids=batch.group_ids)
+    return batch.replace(old_logp=old, advantages=adv, filter=flt)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal up to summation-order rounding, measured against the tensor's scale (elements near 0 of a
+    tensor whose other entries are ~1 carry absolute rounding errors of ~1e-7 too)."""
+    err = float((actual - expected).abs().max())
+    assert err <= 1e-5 * float(expected.abs().max()) + 1e-8, (name, err)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(policy, batch, cfg, micro_batch_size):
+    model = copy.deepcopy(policy)
+    stats = accumulate_minibatch(model, batch, cfg, TorchSink(), LocalReducer(), micro_batch_size)
+    return _grads(model), stats.all_reduce(LocalReducer()).result()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-{c.traj_filter}-{c.loss_norm}")
+def test_one_micro_batch_of_8_equals_8_of_1(policy, ragged_batch, cfg) -> None:
+    batch = _prepared(policy, ragged_batch, cfg)
+    g_full, m_full = _run(policy, batch, cfg, micro_batch_size=8)
+    g_micro, m_micro = _run(policy, batch, cfg, micro_batch_size=1)
+    assert g_full.keys() == g_micro.keys() and len(g_full) > 0
+    assert 0.0 < m_full["actor/train_frac"] <= 1.0
+    if cfg.name == "mispo":
+        assert m_full["actor/train_frac"] < 1.0  # the MIS masks rejected some tokens
+    assert g_full["lm_head.weight"].abs().max() > 1e-4
+    for name in g_full:
+        _assert_close(g_micro[name], g_full[name], name)
+    keys = ("actor/loss", "actor/entropy", "actor/routing_confidence", "batch/tokens", "actor/train_frac")
+    for key in keys:
+        assert m_micro[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-7), key
+    assert m_full["batch/tokens"] == float(batch.loss_mask.sum())
+
+
+class ThreadGroup:
+    """All-reduce between threads of one process: each rank deposits, waits, reads the total."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[torch.Tensor | None] = [None] * world_size
+
+    def rank(self, r: int) -> _RankReducer:
+        return _RankReducer(self, r)
+
+
+class _RankReducer:
+    def __init__(self, group: ThreadGroup, r: int) -> None:
+        self.group, self.r, self.world_size = group, r, group.world_size
+
+    def _reduce(self, t: torch.Tensor, fn) -> torch.Tensor:
+        self.group.slots[self.r] = t.clone()
+        self.group.barrier.wait()
+        result = fn(torch.stack(self.group.slots))  # type: ignore[arg-type]
+        self.group.barrier.wait()  # nobody overwrites a slot before everyone has read
+        return t.copy_(result)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, lambda s: s.sum(0))
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, lambda s: s.max(0).values)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-{c.traj_filter}-{c.loss_norm}")
+def test_two_ranks_with_averaged_grads_equal_one_rank(policy, ragged_batch, cfg) -> None:
+    batch = _prepared(policy, ragged_batch, cfg).select(slice(0, 7))  # 7 rows: shards of 4 and 3
+    g_one, m_one = _run(policy, batch, cfg, micro_batch_size=7)
+
+    world = ThreadGroup(2)
+    shards = batch.split(2)
+    models = [copy.deepcopy(policy) for _ in range(2)]
+    results: list[dict[str, float] | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def rank_main(r: int) -> None:
+        try:
+            reducer = world.rank(r)
+            # micro-batch size 3: rank 0 runs 2 micro-batches, rank 1 one real + one inert (padding)
+            stats: MetricSums = accumulate_minibatch(models[r], shards[r], cfg, TorchSink(), reducer, 3)
+            results[r] = stats.all_reduce(reducer).result()
+        except BaseException as e:  # surface thread failures in the test
+            errors.append(e)
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    grads = [_grads(m) for m in models]
+    for name, g in g_one.items():
+        averaged = (grads[0][name] + grads[1][name]) / 2  # what data-parallel all-reduce does
+        _assert_close(averaged, g, name)
+    assert results[0] == results[1]  # metrics are global: identical on every rank
+    for key in ("actor/loss", "actor/entropy", "batch/tokens", "batch/sequences", "actor/routing_confidence"):
+        assert results[0][key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key
+
+
+def test_missing_inputs_are_reported(policy, ragged_batch) -> None:
+    cfg = AlgorithmConfig(traj_filter="off")
+    with pytest.raises(ValueError, match="old_logp is None"):
+        accumulate_minibatch(policy, ragged_batch, cfg, TorchSink(), LocalReducer(), 4)
+    with pytest.raises(ValueError, match="advantages is None"):
+        with_old = ragged_batch.replace(old_logp=ragged_batch.rollout_logp)
+        accumulate_minibatch(policy, with_old, cfg, TorchSink(), LocalReducer(), 4)
