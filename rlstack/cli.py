@@ -38,6 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to write config.resolved.yaml into")
     p.set_defaults(handler=cmd_config)
 
+    p = sub.add_parser("train", help="run the RL loop (local Ray, or the cluster under `ray job submit`)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("sft", help="supervised warm start on the task's demonstrations")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_sft)
+
+    p = sub.add_parser("eval", help="held-out accuracy of a checkpoint with vLLM (greedy and sampled)")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", default="arithmetic", help="built-in task name (see rlstack.data.tasks)")
+    p.add_argument("--problems", type=int, default=256)
+    p.add_argument("--config", help="YAML whose rollout/eval/rewards sections to use")
+    p.set_defaults(handler=cmd_eval)
+
+    rewards = sub.add_parser("rewards", help="reward plugins").add_subparsers(metavar="ACTION")
+    p = rewards.add_parser("list", help="registered rewards: in-tree and from installed entry points")
+    p.set_defaults(handler=cmd_rewards_list)
+
     model = sub.add_parser("model", help="create or check policy checkpoints").add_subparsers(
         metavar="ACTION"
     )
@@ -66,6 +92,74 @@ def cmd_config(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rlstack.driver import Trainer
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"trainer.run_dir={args.resume}")
+    config: RunConfig = load_config(args.config, overrides)
+    with Trainer(config, resume=bool(args.resume)) as trainer:
+        result = trainer.fit(progress=not args.no_progress)
+    print_eval_table(result["before"], result["after"])
+    print(f"final checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from rlstack.sft import run_sft
+
+    config: RunConfig = load_config(args.config, args.overrides)
+    path = run_sft(config, progress=not args.no_progress)
+    print(f"warm-started policy: {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from rlstack.data.sources import load_split
+    from rlstack.evaluate import accuracy
+    from rlstack.rewards.registry import RewardCombiner
+    from rlstack.rollout.worker import RolloutWorker
+
+    config: RunConfig = load_config(
+        args.config, [f"data.task={args.task}", f"eval.num_problems={args.problems}"]
+    )
+    rows = load_split(config.data, "heldout")[: args.problems]
+    worker = RolloutWorker(args.checkpoint, config.rollout)
+    try:
+        result = accuracy(
+            worker,
+            AutoTokenizer.from_pretrained(args.checkpoint),
+            RewardCombiner(config.rewards),
+            rows,
+            config,
+        )
+    finally:
+        worker.shutdown()
+    print_eval_table(None, result)
+    return 0
+
+
+def print_eval_table(before: dict | None, after: dict) -> None:
+    n = int(after["num_problems"])
+    print(f"\nheld-out accuracy ({n} problems)")
+    print(f"{'':<10}{'before':>10}{'after':>10}" if before else f"{'':<10}{'accuracy':>10}")
+    for mode in ("greedy", "sampled"):
+        key = f"{mode}_accuracy"
+        cells = f"{before[key]:>10.1%}{after[key]:>10.1%}" if before else f"{after[key]:>10.1%}"
+        print(f"{mode:<10}{cells}")
+
+
+def cmd_rewards_list(args: argparse.Namespace) -> int:
+    from rlstack.rewards.registry import list_rewards
+
+    for name, origin in sorted(list_rewards().items()):
+        print(f"{name:<20}{origin}")
     return 0
 
 

@@ -12,19 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from rlstack.config_base import ConfigError, StrictModel
+from rlstack.data.config import DataConfig
+from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
+from rlstack.rewards.config import RewardSpec
+from rlstack.rollout.config import RolloutConfig
 
-
-class ConfigError(ValueError):
-    """A user's config is wrong; the message says where and what is allowed."""
-
-
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors and each field carries a docstring."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+__all__ = ["ConfigError", "RunConfig", "StrictModel", "dump_config", "load_config"]
 
 
 class ModelConfig(StrictModel):
@@ -46,17 +43,74 @@ class TrainerConfig(StrictModel):
     """Global seed (data order, sampling, filters)."""
     steps: int = Field(10, ge=0)
     """Number of RL steps (one policy update each)."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts sampled per step; each gets `rollout.sampling.n` responses."""
+    mode: Literal["sync", "async"] = "sync"
+    """`sync`: generate, then train, in turn. `async`: generation of the next batches runs while the
+    learner trains, bounded by `max_staleness`."""
+    max_staleness: int = Field(1, ge=0)
+    """Async only: a rollout made with policy version v is trained on only while current - v <= k.
+    k = 0 makes async identical to sync."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save `checkpoints/step_N/` every N steps (0 = only at the end)."""
+    eval_every: int = Field(0, ge=0)
+    """Held-out evaluation every N steps (0 = only before and after training)."""
+    tensorboard: bool = True
+    """Also write metrics to TensorBoard under `tb/`."""
+    ray_address: str | None = None
+    """Ray cluster to join (`auto` under `ray job submit`). None: join RAY_ADDRESS if set, else start a
+    local Ray with `local_cpus` CPUs."""
+    local_cpus: int = Field(2, ge=1)
+    """CPUs of the local Ray started when there is no cluster."""
+
+
+class SFTConfig(StrictModel):
+    steps: int = Field(200, ge=0)
+    """Supervised optimizer steps of the warm start."""
+    batch_size: int = Field(32, ge=1)
+    """Demonstrations per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate of the warm start (the RL learning rate is `learner.lr`)."""
+    output: str = "sft"
+    """Where the warm-started policy goes, relative to `trainer.run_dir` (an HF-format directory)."""
+
+
+class EvalConfig(StrictModel):
+    num_problems: int = Field(256, ge=1)
+    """Held-out problems per evaluation."""
+    samples: int = Field(4, ge=1)
+    """Sampled responses per problem (temperature `temperature`), besides one greedy response."""
+    temperature: float = Field(1.0, gt=0)
+    """Temperature of the sampled evaluation."""
 
 
 class RunConfig(StrictModel):
-    """The whole run. Sections appear here as the packages that own them land."""
+    """The whole run, one section per package."""
 
     model: ModelConfig = ModelConfig()
     """The policy checkpoint or builder."""
     trainer: TrainerConfig = TrainerConfig()
-    """Loop length, seeds and where output goes."""
+    """Loop length, mode, seeds, checkpoints and where output goes."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     """Policy loss (MIS-PO or a baseline), MIS filters, advantages, normalisation (see docs/MISPO.md)."""
+    rollout: RolloutConfig = RolloutConfig()
+    """vLLM rollout workers and sampling."""
+    learner: LearnerConfig = LearnerConfig()
+    """DeepSpeed learner ranks and optimizer."""
+    data: DataConfig = DataConfig()
+    """Prompts: a built-in task generator or a dataset file."""
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="math")])
+    """Reward functions and weights (registered names or import paths)."""
+    sft: SFTConfig = SFTConfig()
+    """Supervised warm start (`rlstack sft`)."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.algorithm.advantage == "group" and self.rollout.sampling.n < 2:
+            raise ValueError("algorithm.advantage 'group' needs rollout.sampling.n >= 2 responses per prompt")
+        return self
 
 
 # ---- loading --------------------------------------------------------------------------------------

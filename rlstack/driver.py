@@ -1,0 +1,315 @@
+"""The single controller: the only place that sees the whole RL loop.
+
+`Trainer.step()` reads top to bottom: sample prompts → generate → score → old log-probs → MIS filters
+→ advantages → train → sync weights → log. Sync mode runs them in turn; async mode keeps up to
+`max_staleness` generation batches queued on the rollout actors, so the next batch is sampled (by the
+previous policy) while the learner trains, and a batch made by version v is trained on only while
+current − v ≤ k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlstack.config import RunConfig, dump_config
+from rlstack.types import Rollout
+
+CHECKPOINTS = "checkpoints"
+DRIVER_STATE = "driver_state.pt"
+
+
+@dataclass
+class Submitted:
+    """Prompts whose generation was submitted (and not yet trained on): part of the resumable state."""
+
+    rows: list[dict[str, Any]]
+    step: int  # the step whose sampling seed generates them
+    pending: Any = None  # rollout.group.PendingRollouts; None after a resume until resubmitted
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        from rlstack.data.sources import PromptSource, load_split
+        from rlstack.learner import LearnerGroup
+        from rlstack.metrics import MetricsSink, truncate_metrics
+        from rlstack.mispo import MISFilter
+        from rlstack.rewards.registry import RewardCombiner
+        from rlstack.rollout.group import RolloutGroup
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.resolved.yaml")
+        self._owns_ray = init_ray(cfg)
+        resume_from = latest_checkpoint(self.run_dir) if resume else None
+        policy = resume_from or initial_policy(cfg, self.run_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(policy)
+        self.source = PromptSource.from_config(cfg.data)
+        self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
+        self.rewards = RewardCombiner(cfg.rewards)
+        self.mis_filter = MISFilter(cfg.algorithm)
+        self.learner = LearnerGroup(policy, cfg.learner)
+        self.step_index = 0
+        self.queue: deque[Submitted] = deque()
+        if resume_from is not None:
+            self._load_driver_state(resume_from)
+        truncate_metrics(self.run_dir, self.step_index)
+        self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
+        self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
+        self.samples_path = self.run_dir / "samples" / "rollouts.jsonl"
+        self.samples_path.parent.mkdir(exist_ok=True)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        from rlstack.learner import collate
+        from rlstack.mispo import compute_advantages
+
+        timer = StageTimer()
+        with timer("generate"):
+            rollouts, generated_at = self._next_rollouts()
+        with timer("score"):
+            reward_metrics = self._score(rollouts)
+        batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id)
+        with timer("old_logprobs"):
+            batch = batch.replace(old_logp=self.learner.compute_logprobs(batch))
+        batch = batch.replace(filter=self.mis_filter(batch.old_logp, batch.rollout_logp, batch.loss_mask))
+        advantages, _ = compute_advantages(
+            self.cfg.algorithm,
+            batch.rewards,
+            batch.loss_mask,
+            group_ids=batch.group_ids,
+            truncated=batch.truncated,
+        )
+        with timer("train"):
+            train_metrics = self.learner.train_step(batch.replace(advantages=advantages), self.cfg.algorithm)
+        with timer("sync"):
+            sync_metrics = self.rollout.update_weights(self.learner.export_weights(), self.learner.version)
+        self.step_index += 1
+        metrics = {**reward_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
+        metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
+        self.sink.log(self.step_index, metrics)
+        self._save_samples(rollouts, batch)
+        return metrics
+
+    def fit(self, progress: bool = True) -> dict[str, Any]:
+        """Evaluate, train `trainer.steps` steps (checkpointing and evaluating as configured), evaluate."""
+        from rlstack.progress import TrainProgress
+
+        before = self.evaluate() if self.step_index == 0 else None
+        if before:
+            self.sink.log(0, {f"eval/{k}": v for k, v in before.items()})
+        every = self.cfg.trainer.checkpoint_every
+        with TrainProgress(self.cfg.trainer.steps, self.step_index, enabled=progress) as bar:
+            while self.step_index < self.cfg.trainer.steps:
+                metrics = self.step()
+                bar.update(self.step_index, metrics)
+                if every and self.step_index % every == 0:
+                    self.save_checkpoint()
+                if self.cfg.trainer.eval_every and self.step_index % self.cfg.trainer.eval_every == 0:
+                    self.sink.log(self.step_index, {f"eval/{k}": v for k, v in self.evaluate().items()})
+        after = self.evaluate()
+        self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
+        final = self.save_checkpoint()
+        return {"before": before, "after": after, "checkpoint": str(final)}
+
+    # ---- stages ----------------------------------------------------------------------------------
+
+    def _next_rollouts(self) -> tuple[list[Rollout], int]:
+        """Sync: submit and wait. Async: keep 1 + k batches submitted; take the oldest."""
+        depth = 1 + (self.cfg.trainer.max_staleness if self.cfg.trainer.mode == "async" else 0)
+        for item in self.queue:  # after a resume the saved queue has to be submitted again
+            if item.pending is None:
+                item.pending = self._submit(item.rows, item.step)
+        while len(self.queue) < depth:
+            step = self.step_index + len(self.queue)
+            rows = self.source.next_batch(self.cfg.trainer.prompts_per_step)
+            self.queue.append(Submitted(rows, step, self._submit(rows, step)))
+        item = self.queue.popleft()
+        rollouts = self.rollout.collect(item.pending)
+        return rollouts, item.step
+
+    def _submit(self, rows: list[dict[str, Any]], step: int) -> Any:
+        from rlstack.rollout.worker import Prompt
+
+        prompts = [
+            Prompt(
+                prompt_id=f"{step}:{i}:{row['prompt_id']}",
+                text=render_prompt(self.tokenizer, row["prompt"]),
+                columns={k: v for k, v in row.items() if k not in ("prompt", "prompt_id")},
+            )
+            for i, row in enumerate(rows)
+        ]
+        # A seed per step: a resumed run samples exactly what the original would have.
+        sampling = self.cfg.rollout.sampling.model_copy(
+            update={
+                "seed": self.cfg.rollout.sampling.seed + 1_000_003 * self.cfg.trainer.seed + 10_007 * step
+            }
+        )
+        return self.rollout.submit(prompts, sampling)
+
+    def _score(self, rollouts: list[Rollout]) -> dict[str, float]:
+        columns = sorted({k for r in rollouts for k in r.columns})
+        result = self.rewards(
+            [r.prompt_text for r in rollouts],
+            [r.response_text for r in rollouts],
+            **{k: [r.columns.get(k) for r in rollouts] for k in columns},
+        )
+        for rollout, reward in zip(rollouts, result.total, strict=True):
+            rollout.reward = 0.0 if reward is None else float(reward)
+        rewards = torch.tensor([r.reward for r in rollouts])
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()}
+        metrics["reward/accuracy"] = (rewards > 0.5).float().mean().item()
+        for label, values in result.per_reward.items():
+            applied = [v for v in values if v is not None]
+            metrics[f"reward/{label}"] = sum(applied) / len(applied) if applied else float("nan")
+            metrics[f"reward/{label}_none_frac"] = 1 - len(applied) / max(len(values), 1)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy with the current rollout weights: greedy, and sampled (eval.samples each)."""
+        from rlstack.evaluate import accuracy
+
+        return accuracy(self.rollout, self.tokenizer, self.rewards, self.heldout, self.cfg)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / CHECKPOINTS / f"step_{self.step_index}"
+        self.learner.save_checkpoint(path)
+        state = {
+            "step": self.step_index,
+            "source": self.source.state_dict(),
+            "mis_filter": self.mis_filter.state_dict(),
+            "queue": [(item.rows, item.step) for item in self.queue],
+        }
+        torch.save(state, path / "trainer_state" / DRIVER_STATE)
+        (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
+        return path
+
+    def _load_driver_state(self, path: Path) -> None:
+        version = self.learner.load_checkpoint(path)
+        state = torch.load(path / "trainer_state" / DRIVER_STATE, weights_only=False)
+        self.step_index = state["step"]
+        self.source.load_state_dict(state["source"])
+        self.mis_filter.load_state_dict(state["mis_filter"])
+        self.queue = deque(Submitted(rows, step) for rows, step in state["queue"])
+        assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
+
+    def _save_samples(self, rollouts: list[Rollout], batch: Any) -> None:
+        traj_ok = batch.filter.traj_mask.tolist()
+        with self.samples_path.open("a") as f:
+            for rollout, accepted in zip(rollouts, traj_ok, strict=True):
+                record = {
+                    "step": self.step_index,
+                    "prompt_id": rollout.prompt_id,
+                    "version": rollout.version,
+                    "prompt": rollout.prompt_text,
+                    "response": rollout.response_text,
+                    "reward": rollout.reward,
+                    "finish_reason": rollout.finish_reason,
+                    "traj_accepted": bool(accepted),
+                }
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        import ray
+
+        for part in ("rollout", "learner"):
+            if hasattr(self, part):
+                getattr(self, part).shutdown()
+        if hasattr(self, "sink"):
+            self.sink.close()
+        if getattr(self, "_owns_ray", False):
+            ray.shutdown()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> StageTimer:
+        self._stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self._stage] = time.perf_counter() - self._start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
+
+
+def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_step: int) -> dict[str, float]:
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
+    return {
+        "response/length_mean": lengths.mean().item(),
+        "response/length_max": lengths.max().item(),
+        "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
+        "throughput/generate_wait_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
+        "batch/generated_for_step": float(generated_at_step),
+    }
+
+
+def render_prompt(tokenizer: Any, user_text: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def init_ray(cfg: RunConfig) -> bool:
+    """Join a cluster (`trainer.ray_address`, or RAY_ADDRESS under `ray job submit`); else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.trainer.local_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").exists():
+            from rlstack.config_base import ConfigError
+
+            raise ConfigError(f"model.path '{path}' is not an HF checkpoint directory (no config.json)")
+        return path
+    from rlstack.model import BUILDERS, init_checkpoint
+
+    path = run_dir / CHECKPOINTS / "init"
+    if not (path / "config.json").exists():
+        init_checkpoint(BUILDERS[cfg.model.builder](), path, seed=cfg.model.init_seed)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    marker = run_dir / CHECKPOINTS / "latest"
+    if not marker.exists():
+        return None
+    return run_dir / CHECKPOINTS / marker.read_text().strip()

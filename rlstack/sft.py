@@ -1,0 +1,80 @@
+"""Supervised warm start: teach the policy the task's answer format from generated worked solutions.
+
+It runs on the same DeepSpeed learner as RL and through the same loss: with every token accepted
+(pi_old = pi_rollout, so x_t = 1) and advantage 1 on each solution token, the MIS-PO token-mean loss
+is exactly the mean negative log-likelihood of the demonstrations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlstack.config import RunConfig, dump_config
+from rlstack.types import Rollout
+
+
+def demonstration(tokenizer: Any, row: dict[str, Any], version: int) -> Rollout:
+    from rlstack.driver import render_prompt
+
+    if not row.get("solution"):
+        raise ValueError(f"row {row.get('prompt_id')!r} has no 'solution': SFT needs demonstrations")
+    prompt_ids = tokenizer.encode(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
+    response_ids = [*tokenizer.encode(row["solution"], add_special_tokens=False), tokenizer.eos_token_id]
+    return Rollout(
+        prompt_id=str(row["prompt_id"]),
+        prompt_ids=prompt_ids,
+        response_ids=response_ids,
+        response_logprobs=[0.0] * len(response_ids),
+        finish_reason="stop",
+        version=version,
+    )
+
+
+def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
+    """Train `sft.steps` steps of `sft.batch_size` demonstrations; returns the HF policy directory."""
+    from transformers import AutoTokenizer
+
+    from rlstack.data.sources import PromptSource
+    from rlstack.driver import init_ray, initial_policy
+    from rlstack.learner import LearnerGroup, collate
+    from rlstack.metrics import MetricsSink
+    from rlstack.mispo import AlgorithmConfig
+    from rlstack.progress import TrainProgress
+
+    run_dir = Path(cfg.trainer.run_dir)
+    out_dir = run_dir / cfg.sft.output
+    dump_config(cfg, run_dir / "config.resolved.yaml")
+    owns_ray = init_ray(cfg)
+    policy = initial_policy(cfg, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    source = PromptSource.from_config(cfg.data)
+    learner = LearnerGroup(policy, cfg.learner.model_copy(update={"lr": cfg.sft.lr, "n_minibatches": 1}))
+    nll = AlgorithmConfig(name="mispo", traj_filter="off", loss_norm="token_mean")
+    # Metrics live outside the policy directory, which must hold only what a checkpoint loader reads.
+    sink = MetricsSink(run_dir / "logs" / "sft", tensorboard=cfg.trainer.tensorboard)
+    try:
+        with TrainProgress(cfg.sft.steps, 0, enabled=progress) as bar:
+            for step in range(1, cfg.sft.steps + 1):
+                rows = source.next_batch(cfg.sft.batch_size)
+                batch = collate(
+                    [demonstration(tokenizer, r, learner.version) for r in rows], tokenizer.pad_token_id
+                )
+                batch = batch.replace(
+                    old_logp=torch.zeros_like(batch.rollout_logp), advantages=batch.loss_mask
+                )
+                metrics = learner.train_step(batch, nll)
+                metrics["sft/nll"] = metrics.get("actor/loss", float("nan"))
+                sink.log(step, metrics)
+                bar.update(step, {"reward/mean": -metrics["sft/nll"]})
+        learner.save_checkpoint(out_dir)
+    finally:
+        sink.close()
+        learner.shutdown()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    return out_dir
