@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rlstack.config import StrictModel
+from rlstack.config_base import StrictModel
 
 
 class SamplingConfig(StrictModel):
