@@ -230,7 +230,9 @@ class LearnerWorker:
                 out.append(torch.nn.functional.pad(logp, (0, batch.seq_len - logp.shape[1])))
         return torch.cat(out)
 
-    def train_step(self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig) -> dict:
+    def train_step(
+        self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
+    ) -> dict[str, float]:
         """One policy update: `n_minibatches` optimizer steps. `batch` is this rank's rows (split here into
         `cfg.n_minibatches`), or a list with this rank's rows of each global mini-batch (what
         `LearnerGroup` sends). Returns global metrics (identical on every rank); bumps `version`."""

@@ -3,6 +3,7 @@ stage 0 on 1 rank, weights export under vLLM's names, checkpoints resume exactly
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -41,19 +42,28 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _learner_processes() -> list[psutil.Process]:
-    """Live learner actor processes (Ray titles them `ray::LearnerWorker...`)."""
+def _learner_processes(pids: set[int] | None = None) -> list[psutil.Process]:
+    """Live learner actor processes started by this test process (Ray titles them `ray::LearnerWorker`;
+    other sessions on this machine may run their own), or those of `pids` that are still alive."""
+    if pids is not None:
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.append(psutil.Process(pid))
+    else:
+        procs = psutil.Process().children(recursive=True)
     out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "LearnerWorker" in cmd and p.pid != os.getpid() and _alive(p):
-            out.append(p)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "LearnerWorker" in " ".join(p.cmdline()) and _alive(p):
+                out.append(p)
     return out
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    state = {"shm": _shm_entries(), "children": {p.pid for p in psutil.Process().children(recursive=True)}}
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    state = {"shm": _shm_entries(), "children": children, "learners": set()}
     # address="local": a private cluster even if another one runs on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield state
@@ -124,7 +134,7 @@ def test_reference_step_trains_and_exports_checkpoint_names(reference: dict, tin
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_on_two_ranks_matches_stage0_on_one(
-    stage: int, reference: dict, tiny_checkpoint: Path
+    stage: int, reference: dict, ray_cluster: dict, tiny_checkpoint: Path
 ) -> None:
     # micro-batch 3: 15 rows -> mini-batches of 8 and 7 -> shards 4/4 and 4/3 -> uneven micro-batch counts
     cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=3, n_minibatches=2, adam_eps=EPS)
@@ -134,12 +144,15 @@ def test_zero_stage_on_two_ranks_matches_stage0_on_one(
         assert float((old_logp - reference["old_logp"]).abs().max()) < TOL
         metrics = group.train_step(batch, ALGO)  # old_logp recomputed inside, as the driver may leave it
         after = group.export_weights()
+        actors = {p.pid for p in _learner_processes()}
+        assert len(actors) == 2
+        ray_cluster["learners"] |= actors
     assert set(after) == _checkpoint_names(tiny_checkpoint)
     assert _close(after, reference["after"]) < TOL
     assert _close(after, reference["initial"]) > 1e-4  # and the step did move the weights
     for key in ("actor/loss", "actor/entropy", "actor/train_frac", "actor/grad_norm", "batch/tokens"):
         assert metrics[key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-6), key
-    assert not _wait_gone(_learner_processes, 20), "learner actors outlived shutdown()"
+    assert not _wait_gone(lambda: _learner_processes(actors), 20), "learner actors outlived shutdown()"
 
 
 def _wait_gone(probe, timeout_s: float) -> list:
@@ -208,7 +221,7 @@ def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
         return [p for p in children if p.pid not in ray_cluster["children"] and _alive(p)]
 
     assert not _wait_gone(started, 30), "processes outlived ray.shutdown()"
-    assert not _learner_processes()
+    assert ray_cluster["learners"] and not _learner_processes(ray_cluster["learners"])
     ours = ("deepspeed", "plasma", "ray", "torch_")  # only our stack's names: other tests may run beside us
     leaked = {e for e in _shm_entries() - ray_cluster["shm"] if e.startswith(ours)}
     assert not leaked, f"/dev/shm entries left behind: {sorted(leaked)}"
