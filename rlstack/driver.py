@@ -159,12 +159,7 @@ class Trainer:
         return self.rollout.submit(prompts, sampling)
 
     def _score(self, rollouts: list[Rollout]) -> dict[str, float]:
-        columns = sorted({k for r in rollouts for k in r.columns})
-        result = self.rewards(
-            [r.prompt_text for r in rollouts],
-            [r.response_text for r in rollouts],
-            **{k: [r.columns.get(k) for r in rollouts] for k in columns},
-        )
+        result = score_rollouts(self.rewards, rollouts)
         for rollout, reward in zip(rollouts, result.total, strict=True):
             rollout.reward = 0.0 if reward is None else float(reward)
         rewards = torch.tensor([r.reward for r in rollouts])
@@ -270,6 +265,16 @@ def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_ste
         "throughput/generate_wait_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "batch/generated_for_step": float(generated_at_step),
     }
+
+
+def score_rollouts(rewards: Any, rollouts: list[Rollout]) -> Any:
+    """Call a RewardCombiner TRL-style: prompts, completions, and each dataset column as a list."""
+    columns = sorted({k for r in rollouts for k in r.columns})
+    return rewards(
+        [r.prompt_text for r in rollouts],
+        [r.response_text for r in rollouts],
+        **{k: [r.columns.get(k) for r in rollouts] for k in columns},
+    )
 
 
 def render_prompt(tokenizer: Any, user_text: str) -> str:

@@ -20,7 +20,7 @@ def accuracy(
     generator: Generator, tokenizer: Any, rewards: Any, rows: list[dict[str, Any]], cfg: RunConfig
 ) -> dict[str, float]:
     """Fraction of responses the first configured reward scores as correct (> 0.5)."""
-    from rlstack.driver import render_prompt
+    from rlstack.driver import render_prompt, score_rollouts
 
     prompts = [
         Prompt(
@@ -40,12 +40,6 @@ def accuracy(
     label = cfg.rewards[0].label
     out = {"num_problems": float(len(rows))}
     for mode, sampling in modes.items():
-        rollouts = generator.generate(prompts, sampling)
-        columns = sorted({k for r in rollouts for k in r.columns})
-        scores = rewards(
-            [r.prompt_text for r in rollouts],
-            [r.response_text for r in rollouts],
-            **{k: [r.columns.get(k) for r in rollouts] for k in columns},
-        ).per_reward[label]
+        scores = score_rollouts(rewards, generator.generate(prompts, sampling)).per_reward[label]
         out[f"{mode}_accuracy"] = sum(1.0 for s in scores if s is not None and s > 0.5) / len(scores)
     return out
