@@ -14,6 +14,7 @@ from rich.progress import (
 )
 
 SHOWN = {
+    "sft/nll": "nll",
     "reward/mean": "reward",
     "reward/accuracy": "acc",
     "filter/combined_accept": "accept",

@@ -68,7 +68,7 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
                 metrics = learner.train_step(batch, nll)
                 metrics["sft/nll"] = metrics.get("actor/loss", float("nan"))
                 sink.log(step, metrics)
-                bar.update(step, {"reward/mean": -metrics["sft/nll"]})
+                bar.update(step, metrics)
         learner.save_checkpoint(out_dir)
     finally:
         sink.close()
