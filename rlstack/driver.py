@@ -169,6 +169,7 @@ class Trainer:
             applied = [v for v in values if v is not None]
             metrics[f"reward/{label}"] = sum(applied) / len(applied) if applied else float("nan")
             metrics[f"reward/{label}_none_frac"] = 1 - len(applied) / max(len(values), 1)
+            metrics[f"reward/{label}_errors"] = float(result.errors[label])
         return metrics
 
     def evaluate(self) -> dict[str, float]:

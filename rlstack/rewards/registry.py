@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from rlstack.rewards.config import RewardSpec
+
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "rlstack.rewards"
 RewardOutput = list[float | None]
@@ -225,6 +228,8 @@ class CombinedRewards:
     """Weighted sum over the rewards that apply to each sample; None where none applies."""
     per_reward: dict[str, RewardOutput]
     """Each reward's own output, by label (for metrics)."""
+    errors: dict[str, int]
+    """Samples each reward failed on (raised or returned bad output); those samples got None."""
 
 
 class RewardCombiner:
@@ -246,11 +251,40 @@ class RewardCombiner:
         self.fns = [resolve(s) for s in specs]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> CombinedRewards:
-        per_reward = {
-            spec.label: call_reward(fn, prompts, completions, name=spec.label, **columns)
-            for spec, fn in zip(self.specs, self.fns, strict=True)
-        }
-        return CombinedRewards(combine(per_reward, {s.label: s.weight for s in self.specs}), per_reward)
+        per_reward, errors = {}, {}
+        for spec, fn in zip(self.specs, self.fns, strict=True):
+            per_reward[spec.label], errors[spec.label] = call_isolated(
+                fn, spec.label, prompts, completions, columns
+            )
+        total = combine(per_reward, {s.label: s.weight for s in self.specs})
+        return CombinedRewards(total, per_reward, errors)
+
+
+def call_isolated(
+    fn: RewardFn, label: str, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]
+) -> tuple[RewardOutput, int]:
+    """Call a plugin on the batch; if it fails, call it per sample so one bad sample costs only itself.
+
+    A failing sample scores None (the reward does not apply) and is logged with the plugin's name and the
+    sample's index; training goes on. Returns (scores, number of failed samples).
+    """
+    try:
+        return call_reward(fn, prompts, completions, name=label, **columns), 0
+    except Exception as batch_error:  # a user plugin: any exception is the plugin's, not ours
+        logger.error(
+            "reward '%s' failed on a batch of %d (%s); retrying per sample", label, len(prompts), batch_error
+        )
+    scores: RewardOutput = []
+    failed = 0
+    for i in range(len(prompts)):
+        one = {k: [v[i]] for k, v in columns.items()}
+        try:
+            scores.extend(call_reward(fn, [prompts[i]], [completions[i]], name=label, **one))
+        except Exception as error:
+            failed += 1
+            scores.append(None)
+            logger.error("reward '%s' failed on sample %d: %s: %s", label, i, type(error).__name__, error)
+    return scores, failed
 
 
 def combine(per_reward: Mapping[str, RewardOutput], weights: Mapping[str, float]) -> RewardOutput:
