@@ -41,7 +41,7 @@ class Trainer:
 
         from rlstack.data.sources import PromptSource, load_split
         from rlstack.learner import LearnerGroup
-        from rlstack.metrics import MetricsSink, truncate_metrics
+        from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
         from rlstack.mispo import MISFilter
         from rlstack.rewards.registry import RewardCombiner
         from rlstack.rollout.group import RolloutGroup
@@ -63,11 +63,14 @@ class Trainer:
         self.queue: deque[Submitted] = deque()
         if resume_from is not None:
             self._load_driver_state(resume_from)
-        truncate_metrics(self.run_dir, self.step_index)
-        self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
-        self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
         self.samples_path = self.run_dir / "samples" / "rollouts.jsonl"
         self.samples_path.parent.mkdir(exist_ok=True)
+        if resume_from is None:
+            archive_previous_run([self.run_dir / "metrics.jsonl", self.samples_path])
+        else:
+            truncate_metrics(self.run_dir, self.step_index)
+        self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
+        self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
 
     # ---- the loop ------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
     from rlstack.data.sources import PromptSource
     from rlstack.driver import init_ray, initial_policy
     from rlstack.learner import LearnerGroup, collate
-    from rlstack.metrics import MetricsSink
+    from rlstack.metrics import MetricsSink, archive_previous_run
     from rlstack.mispo import AlgorithmConfig
     from rlstack.progress import TrainProgress
 
@@ -54,6 +54,7 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
     learner = LearnerGroup(policy, cfg.learner.model_copy(update={"lr": cfg.sft.lr, "n_minibatches": 1}))
     nll = AlgorithmConfig(name="mispo", traj_filter="off", loss_norm="token_mean")
     # Metrics live outside the policy directory, which must hold only what a checkpoint loader reads.
+    archive_previous_run([run_dir / "logs" / "sft" / "metrics.jsonl"])
     sink = MetricsSink(run_dir / "logs" / "sft", tensorboard=cfg.trainer.tensorboard)
     try:
         with TrainProgress(cfg.sft.steps, 0, enabled=progress) as bar:
