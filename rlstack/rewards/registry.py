@@ -7,7 +7,9 @@ A reward is TRL-compatible, so TRL reward functions drop in unchanged:
 
 sync or `async def`, called by keyword as TRL does (so `def f(completions, **kwargs)` works too); extra
 dataset columns arrive as keyword lists aligned with `completions`; `None` means "does not apply to this
-sample". Config names plugins (`RewardSpec`); callables never cross Ray.
+sample". Config names plugins (`RewardSpec`, whose `options` are bound as keyword arguments); callables
+never cross Ray. A plugin with per-sample details worth keeping (a compile error, a judge's rationale) may
+return `RewardResult(scores, info)` instead of the bare list; the info lands in the run's samples.
 
     >>> def length_bonus(prompts, completions, **columns):
     ...     return [min(len(c), 10) / 10 for c in completions]
@@ -18,6 +20,7 @@ sample". Config names plugins (`RewardSpec`); callables never cross Ray.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import logging
@@ -136,7 +139,13 @@ def _check_callable(obj: Any, what: str) -> RewardFn:
 
 
 def resolve(spec: RewardSpec) -> RewardFn:
-    return get_reward(spec.name) if spec.name is not None else load_import_path(str(spec.import_path))
+    """The plugin a spec names, with the spec's `options` bound as keyword arguments."""
+    fn = get_reward(spec.name) if spec.name is not None else load_import_path(str(spec.import_path))
+    if spec.options:
+        bound = functools.partial(fn, **spec.options)
+        functools.update_wrapper(bound, fn)
+        return bound
+    return fn
 
 
 # ---- calling -------------------------------------------------------------------------------------------
@@ -168,8 +177,19 @@ async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
+@dataclass
+class RewardResult:
+    """What a plugin may return instead of a bare list: the scores plus per-sample details for the report."""
+
+    scores: RewardOutput
+    info: list[dict[str, Any] | None]
+    """One JSON-serialisable dict (or None) per completion, e.g. {"error": "SyntaxError: ..."}."""
+
+
 def check_output(out: Any, n: int, name: str) -> RewardOutput:
     """A reward's output as a list of n floats/None, or a RewardError naming the plugin and the problem."""
+    if isinstance(out, RewardResult):
+        out = out.scores
     try:
         if isinstance(out, str | bytes | Mapping):
             raise TypeError
@@ -212,11 +232,33 @@ def call_reward(
     label = name or getattr(fn, "__name__", repr(fn))
     if len(prompts) != len(completions):
         raise ValueError(f"reward '{label}': {len(prompts)} prompts but {len(completions)} completions")
+    return check_output(_invoke(fn, prompts, completions, columns), len(completions), label)
+
+
+def call_reward_with_info(
+    fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], *, name: str, **columns: Any
+) -> tuple[RewardOutput, list[dict[str, Any] | None]]:
+    """`call_reward`, plus the per-sample info of a `RewardResult` (all None for a bare list)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"reward '{name}': {len(prompts)} prompts but {len(completions)} completions")
+    out = _invoke(fn, prompts, completions, columns)
+    scores = check_output(out, len(completions), name)
+    info: list[dict[str, Any] | None] = [None] * len(scores)
+    if isinstance(out, RewardResult):
+        if len(out.info) != len(scores):
+            raise RewardError(
+                f"reward '{name}' returned {len(out.info)} info entries for {len(scores)} scores"
+            )
+        info = list(out.info)
+    return scores, info
+
+
+def _invoke(
+    fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]
+) -> Any:
     # By keyword, as TRL calls them: TRL rewards are often `def f(completions, **kwargs)`.
     out = fn(prompts=list(prompts), completions=list(completions), **columns)
-    if inspect.isawaitable(out):
-        out = _run_coroutine(out)
-    return check_output(out, len(completions), label)
+    return _run_coroutine(out) if inspect.isawaitable(out) else out
 
 
 # ---- combining ----------------------------------------------------------------------------------------
@@ -230,6 +272,8 @@ class CombinedRewards:
     """Each reward's own output, by label (for metrics)."""
     errors: dict[str, int]
     """Samples each reward failed on (raised or returned bad output); those samples got None."""
+    info: dict[str, list[dict[str, Any] | None]] | None = None
+    """Per-sample details by label (from `RewardResult`s, or the error text of a failed sample)."""
 
 
 class RewardCombiner:
@@ -251,40 +295,47 @@ class RewardCombiner:
         self.fns = [resolve(s) for s in specs]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> CombinedRewards:
-        per_reward, errors = {}, {}
+        per_reward, errors, info = {}, {}, {}
         for spec, fn in zip(self.specs, self.fns, strict=True):
-            per_reward[spec.label], errors[spec.label] = call_isolated(
-                fn, spec.label, prompts, completions, columns
-            )
+            outcome = call_isolated(fn, spec.label, prompts, completions, columns)
+            per_reward[spec.label], errors[spec.label], info[spec.label] = outcome
         total = combine(per_reward, {s.label: s.weight for s in self.specs})
-        return CombinedRewards(total, per_reward, errors)
+        return CombinedRewards(total, per_reward, errors, info)
+
+
+Info = list[dict[str, Any] | None]
 
 
 def call_isolated(
     fn: RewardFn, label: str, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]
-) -> tuple[RewardOutput, int]:
+) -> tuple[RewardOutput, int, Info]:
     """Call a plugin on the batch; if it fails, call it per sample so one bad sample costs only itself.
 
-    A failing sample scores None (the reward does not apply) and is logged with the plugin's name and the
-    sample's index; training goes on. Returns (scores, number of failed samples).
+    A failing sample scores None (the reward does not apply), its info holds the error, and it is logged
+    with the plugin's name and the sample's index; training goes on.
+    Returns (scores, number of failed samples, per-sample info).
     """
     try:
-        return call_reward(fn, prompts, completions, name=label, **columns), 0
+        scores, info = call_reward_with_info(fn, prompts, completions, name=label, **columns)
+        return scores, 0, info
     except Exception as batch_error:  # a user plugin: any exception is the plugin's, not ours
         logger.error(
             "reward '%s' failed on a batch of %d (%s); retrying per sample", label, len(prompts), batch_error
         )
-    scores: RewardOutput = []
+    scores, info = [], []
     failed = 0
     for i in range(len(prompts)):
         one = {k: [v[i]] for k, v in columns.items()}
         try:
-            scores.extend(call_reward(fn, [prompts[i]], [completions[i]], name=label, **one))
+            score, detail = call_reward_with_info(fn, [prompts[i]], [completions[i]], name=label, **one)
+            scores.extend(score)
+            info.extend(detail)
         except Exception as error:
             failed += 1
             scores.append(None)
+            info.append({"error": f"{type(error).__name__}: {error}"})
             logger.error("reward '%s' failed on sample %d: %s: %s", label, i, type(error).__name__, error)
-    return scores, failed
+    return scores, failed, info
 
 
 def combine(per_reward: Mapping[str, RewardOutput], weights: Mapping[str, float]) -> RewardOutput:
