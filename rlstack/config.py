@@ -18,7 +18,7 @@ from rlstack.config_base import ConfigError, StrictModel
 from rlstack.data.config import DataConfig
 from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
-from rlstack.rewards.config import RewardSpec
+from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rollout.config import RolloutConfig
 
 __all__ = ["ConfigError", "RunConfig", "StrictModel", "dump_config", "load_config"]
@@ -101,6 +101,8 @@ class RunConfig(StrictModel):
     """Prompts: a built-in task generator or a dataset file."""
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="math")])
     """Reward functions and weights (registered names or import paths)."""
+    reward_workers: RewardWorkersConfig = RewardWorkersConfig()
+    """Ray actors that compute the rewards: time limits, chunking, caching."""
     sft: SFTConfig = SFTConfig()
     """Supervised warm start (`rlstack sft`)."""
     eval: EvalConfig = EvalConfig()

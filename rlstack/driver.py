@@ -43,7 +43,7 @@ class Trainer:
         from rlstack.learner import LearnerGroup
         from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
         from rlstack.mispo import MISFilter
-        from rlstack.rewards.registry import RewardCombiner
+        from rlstack.rewards.group import RewardGroup
         from rlstack.rollout.group import RolloutGroup
 
         self.cfg = cfg
@@ -56,7 +56,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
         self.source = PromptSource.from_config(cfg.data)
         self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
-        self.rewards = RewardCombiner(cfg.rewards)
+        self.rewards = RewardGroup(cfg.rewards, cfg.reward_workers)
         self.mis_filter = MISFilter(cfg.algorithm)
         self.learner = LearnerGroup(policy, cfg.learner)
         self.step_index = 0
@@ -82,7 +82,7 @@ class Trainer:
         with timer("generate"):
             rollouts, generated_at = self._next_rollouts()
         with timer("score"):
-            reward_metrics = self._score(rollouts)
+            reward_metrics, reward_info = self._score(rollouts)
         batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id)
         with timer("old_logprobs"):
             batch = batch.replace(old_logp=self.learner.compute_logprobs(batch))
@@ -102,7 +102,7 @@ class Trainer:
         metrics = {**reward_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
         self.sink.log(self.step_index, metrics)
-        self._save_samples(rollouts, batch)
+        self._save_samples(rollouts, batch, reward_info)
         return metrics
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -161,7 +161,8 @@ class Trainer:
         )
         return self.rollout.submit(prompts, sampling)
 
-    def _score(self, rollouts: list[Rollout]) -> dict[str, float]:
+    def _score(self, rollouts: list[Rollout]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Rewards onto the rollouts; returns metrics and each sample's reward details (for samples/)."""
         result = score_rollouts(self.rewards, rollouts)
         for rollout, reward in zip(rollouts, result.total, strict=True):
             rollout.reward = 0.0 if reward is None else float(reward)
@@ -173,7 +174,14 @@ class Trainer:
             metrics[f"reward/{label}"] = sum(applied) / len(applied) if applied else float("nan")
             metrics[f"reward/{label}_none_frac"] = 1 - len(applied) / max(len(values), 1)
             metrics[f"reward/{label}_errors"] = float(result.errors[label])
-        return metrics
+            metrics[f"reward/{label}_timeouts"] = float(result.timeouts.get(label, 0))
+        metrics["reward/cache_hits"] = float(result.cache_hits)
+        metrics["reward/workers_restarted"] = float(result.workers_restarted)
+        info = [
+            {label: details[i] for label, details in (result.info or {}).items() if details[i] is not None}
+            for i in range(len(rollouts))
+        ]
+        return metrics, info
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy with the current rollout weights: greedy, and sampled (eval.samples each)."""
@@ -205,10 +213,10 @@ class Trainer:
         self.queue = deque(Submitted(rows, step) for rows, step in state["queue"])
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
 
-    def _save_samples(self, rollouts: list[Rollout], batch: Any) -> None:
+    def _save_samples(self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]]) -> None:
         traj_ok = batch.filter.traj_mask.tolist()
         with self.samples_path.open("a") as f:
-            for rollout, accepted in zip(rollouts, traj_ok, strict=True):
+            for rollout, accepted, info in zip(rollouts, traj_ok, reward_info, strict=True):
                 record = {
                     "step": self.step_index,
                     "prompt_id": rollout.prompt_id,
@@ -219,12 +227,14 @@ class Trainer:
                     "finish_reason": rollout.finish_reason,
                     "traj_accepted": bool(accepted),
                 }
-                f.write(json.dumps(record) + "\n")
+                if info:
+                    record["reward_info"] = info
+                f.write(json.dumps(record, default=str) + "\n")
 
     def close(self) -> None:
         import ray
 
-        for part in ("rollout", "learner"):
+        for part in ("rollout", "learner", "rewards"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()
         if hasattr(self, "sink"):
@@ -272,7 +282,7 @@ def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_ste
 
 
 def score_rollouts(rewards: Any, rollouts: list[Rollout]) -> Any:
-    """Call a RewardCombiner TRL-style: prompts, completions, and each dataset column as a list."""
+    """Call a RewardGroup or RewardCombiner TRL-style: prompts, completions, each column as a list."""
     columns = sorted({k for r in rollouts for k in r.columns})
     return rewards(
         [r.prompt_text for r in rollouts],
@@ -297,8 +307,29 @@ def init_ray(cfg: RunConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.trainer.local_cpus, include_dashboard=False, log_to_driver=False)
+        # Actors import what this process can: reward plugins by import_path, local modules.
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(local_import_paths())}}
+        ray.init(
+            num_cpus=cfg.trainer.local_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
     return True
+
+
+def local_import_paths() -> list[str]:
+    """This process's import path minus the interpreter's own (stdlib, site-packages): the working directory,
+    PYTHONPATH, and what a test runner added."""
+    import sys
+
+    own = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    paths: list[str] = []
+    for entry in sys.path:
+        path = Path(entry or os.getcwd()).resolve()
+        if path.is_dir() and not any(path.is_relative_to(p) for p in own) and str(path) not in paths:
+            paths.append(str(path))
+    return paths
 
 
 def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:

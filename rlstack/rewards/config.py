@@ -1,4 +1,4 @@
-"""Reward config: which plugins score a rollout and with what weight."""
+"""Reward config: which plugins score a rollout and with what weight; where the reward workers run."""
 
 from __future__ import annotations
 
@@ -37,3 +37,21 @@ class RewardSpec(StrictModel):
     def label(self) -> str:
         """How metrics and errors name this reward."""
         return self.name if self.name is not None else str(self.import_path)
+
+
+class RewardWorkersConfig(StrictModel):
+    """Where and how rewards are computed: Ray reward workers, time limits, caching."""
+
+    num_workers: int = Field(1, ge=0)
+    """Reward worker actors scoring chunks concurrently; 0 scores in the driver process."""
+    cpus_per_worker: float = Field(0.0, ge=0.0)
+    """Ray CPUs reserved per worker. 0 (the default) lets workers share the cores the rollout and learner
+    actors reserve: scoring runs between generation and training, not beside them."""
+    chunk_size: int = Field(64, ge=1)
+    """Samples per plugin call."""
+    time_limit_s: float = Field(60.0, gt=0.0)
+    """Deadline of one plugin call on a chunk, and of each per-sample call when the chunk call fails."""
+    max_abandoned_threads: int = Field(4, ge=0)
+    """A worker with more timed-out calls than this still running is replaced by a fresh actor."""
+    cache_size: int = Field(100_000, ge=0)
+    """Scores kept per worker (LRU); 0 disables the cache."""

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "rlstack.rewards"
 RewardOutput = list[float | None]
+Info = list[dict[str, Any] | None]
 RewardFn = Callable[..., RewardOutput | Awaitable[RewardOutput]]
 
 _REWARDS: dict[str, RewardFn] = {}
@@ -237,13 +238,13 @@ def call_reward(
 
 def call_reward_with_info(
     fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], *, name: str, **columns: Any
-) -> tuple[RewardOutput, list[dict[str, Any] | None]]:
+) -> tuple[RewardOutput, Info]:
     """`call_reward`, plus the per-sample info of a `RewardResult` (all None for a bare list)."""
     if len(prompts) != len(completions):
         raise ValueError(f"reward '{name}': {len(prompts)} prompts but {len(completions)} completions")
     out = _invoke(fn, prompts, completions, columns)
     scores = check_output(out, len(completions), name)
-    info: list[dict[str, Any] | None] = [None] * len(scores)
+    info: Info = [None] * len(scores)
     if isinstance(out, RewardResult):
         if len(out.info) != len(scores):
             raise RewardError(
@@ -272,12 +273,14 @@ class CombinedRewards:
     """Each reward's own output, by label (for metrics)."""
     errors: dict[str, int]
     """Samples each reward failed on (raised or returned bad output); those samples got None."""
-    info: dict[str, list[dict[str, Any] | None]] | None = None
+    info: dict[str, Info] | None = None
     """Per-sample details by label (from `RewardResult`s, or the error text of a failed sample)."""
 
 
 class RewardCombiner:
-    """Resolves the configured rewards once, then scores batches with their weighted sum.
+    """Resolves the configured rewards once, then scores batches with their weighted sum, in this process.
+
+    No deadlines or cache: the training driver uses `rlstack.rewards.group.RewardGroup`, which adds both.
 
     >>> combiner = RewardCombiner([RewardSpec(name="puzzle", weight=2.0)])
     >>> combiner(["p"], ["\\\\boxed{2*3+4}"], numbers=[[2, 3, 4]], target=[10]).total
@@ -285,12 +288,7 @@ class RewardCombiner:
     """
 
     def __init__(self, specs: Sequence[RewardSpec]) -> None:
-        if not specs:
-            raise RewardError("no rewards configured; add at least one, e.g. {name: math}")
-        labels = [s.label for s in specs]
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
-        if duplicates:
-            raise RewardError(f"reward(s) configured twice: {', '.join(duplicates)}")
+        check_specs(specs)
         self.specs = list(specs)
         self.fns = [resolve(s) for s in specs]
 
@@ -303,7 +301,14 @@ class RewardCombiner:
         return CombinedRewards(total, per_reward, errors, info)
 
 
-Info = list[dict[str, Any] | None]
+def check_specs(specs: Sequence[RewardSpec]) -> None:
+    """At least one reward, and no label twice."""
+    if not specs:
+        raise RewardError("no rewards configured; add at least one, e.g. {name: math}")
+    labels = [s.label for s in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise RewardError(f"reward(s) configured twice: {', '.join(duplicates)}")
 
 
 def call_isolated(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -102,3 +103,34 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) ->
     again = {r["step"]: r for r in read_metrics(killed_dir) if "actor/loss" in r}
     assert sorted(again) == [1, 2, 3, 4, 5, 6]
     assert_same([whole[s] for s in (4, 5, 6)], [again[s] for s in (4, 5, 6)])
+
+
+def test_misbehaving_reward_plugins_cost_only_their_samples(tmp_path: Path) -> None:
+    """A plugin that raises, one that sleeps past the time limit and one that returns the wrong length:
+    each is logged per sample (samples/ keeps the error under the plugin's name), and training goes on."""
+    bad = ["raises_on_odd_length", "sleeps_past_the_limit", "wrong_length"]
+    config = tiny_run(
+        tmp_path / "bad_rewards",
+        trainer={"steps": 2},
+        reward_workers={"num_workers": 1, "time_limit_s": 2.0},
+    )
+    config["rewards"] = [{"import_path": "toy_rewards:digit_fraction"}] + [
+        {"import_path": f"toy_rewards:{name}"} for name in bad
+    ]
+    steps = run_steps(config, tmp_path)
+    assert len(steps) == 2
+    samples = 4 * 4  # prompts_per_step * n
+    for m in steps:
+        assert m["actor/grad_norm"] > 0 and m["reward/toy_rewards:digit_fraction"] > 0
+        assert m["reward/toy_rewards:wrong_length_errors"] == samples
+        assert m["reward/toy_rewards:raises_on_odd_length_errors"] > 0
+        assert m["reward/toy_rewards:sleeps_past_the_limit_timeouts"] > 0
+        assert m["time/score"] < 3 * 2.0 + 5  # two deadlines per chunk, not one per sample
+    records = [json.loads(line) for line in (tmp_path / "bad_rewards" / "samples" / "rollouts.jsonl").open()]
+    assert len(records) == 2 * samples
+    errors = [r["reward_info"]["toy_rewards:wrong_length"]["error"] for r in records]
+    assert all("returned 2 values for 1 completions" in e for e in errors)
+    timeouts = [r for r in records if "toy_rewards:sleeps_past_the_limit" in r.get("reward_info", {})]
+    assert timeouts and all(
+        "timeout" in r["reward_info"]["toy_rewards:sleeps_past_the_limit"]["error"] for r in timeouts
+    )

@@ -10,3 +10,37 @@ def digit_fraction(prompts: list[str], completions: list[str], **columns: object
     [0.5]
     """
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+# ---- misbehaving plugins: training must go on around them (test_driver, test_reward_group) ----------
+
+
+def raises_on_odd_length(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """Raises whenever the batch holds a completion of odd length."""
+    if any(len(text) % 2 for text in completions):
+        raise RuntimeError("toy plugin refuses odd-length completions")
+    return [1.0 for _ in completions]
+
+
+def sleeps_past_the_limit(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """Sleeps far longer than any test's time limit on completions that contain a digit."""
+    import time
+
+    if any(any(c.isdigit() for c in text) for text in completions):
+        time.sleep(120)
+    return [0.0 for _ in completions]
+
+
+def wrong_length(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """Returns one score too many."""
+    return [0.0] * (len(completions) + 1)
+
+
+def exits_the_process(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """Kills the reward worker's process when it sees the word 'crash'."""
+    import os
+
+    if "crash" in completions:
+        os._exit(3)
+    return [1.0 for _ in completions]
+

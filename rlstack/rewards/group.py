@@ -1,0 +1,379 @@
+"""`RewardGroup`: reward plugins scored by Ray actors, batched and concurrent, each call under a time limit,
+failures isolated to their samples, results cached.
+
+The driver hands a batch to `RewardGroup(prompts, completions, **columns)` and gets `CombinedRewards` back,
+exactly as from an in-process `RewardCombiner`. Inside:
+
+- samples are routed to workers by a hash of (prompt, completion), so a repeated sample meets the same
+  worker's cache, and scored in chunks of `chunk_size`, all workers at once;
+- each worker (`RewardScorer`) calls each plugin on its chunk in a thread with a deadline of
+  `time_limit_s`; a plugin that raises, returns bad output or misses the deadline is called again per
+  sample, all samples concurrently, each under the same deadline, so one bad sample costs only itself
+  (None, with the error in the sample's info and the log, naming the plugin and the sample);
+- a thread that misses its deadline cannot be killed, so it is abandoned; a worker with more than
+  `max_abandoned_threads` of them still running, or one that does not answer at all (a plugin holding the
+  GIL in C code), is killed and replaced — its samples score None — and training goes on;
+- scores are cached per worker by (plugin, plugin version, options, prompt, completion, columns); failures
+  are not cached.
+
+`reward_workers.num_workers: 0` runs the same `RewardScorer` in the driver process (no Ray actors).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
+from rlstack.rewards.registry import (
+    CombinedRewards,
+    Info,
+    RewardError,
+    RewardFn,
+    RewardOutput,
+    call_reward_with_info,
+    check_specs,
+    combine,
+    resolve,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkResult:
+    """One worker's scores for one chunk, per plugin label."""
+
+    per_reward: dict[str, RewardOutput]
+    info: dict[str, Info]
+    errors: dict[str, int]
+    timeouts: dict[str, int]
+    cache_hits: int = 0
+    abandoned_threads: int = 0
+    """Timed-out plugin calls of this worker whose threads are still running."""
+
+
+@dataclass
+class GroupRewards(CombinedRewards):
+    """`CombinedRewards` plus what the reward workers saw."""
+
+    timeouts: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    workers_restarted: int = 0
+
+
+class _Timeout(Exception):
+    pass
+
+
+class RewardScorer:
+    """Scores chunks with every configured plugin: deadlines, per-sample isolation, an LRU cache.
+
+    A plain class: `RewardGroup` hosts one per Ray actor, or one in-process with `num_workers: 0`.
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
+        check_specs(specs)
+        self.specs = list(specs)
+        self.config = config or RewardWorkersConfig()
+        self.fns = [resolve(s) for s in self.specs]
+        self.versions = [plugin_version(fn) for fn in self.fns]
+        self._cache: OrderedDict[str, tuple[float | None, dict[str, Any] | None]] = OrderedDict()
+        self._abandoned: list[threading.Thread] = []
+
+    def ready(self) -> bool:
+        return True
+
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, list[Any]]
+    ) -> ChunkResult:
+        result = ChunkResult({}, {}, {}, {})
+        for spec, fn, version in zip(self.specs, self.fns, self.versions, strict=True):
+            keys = [
+                self._key(spec.label, version, p, c, {k: v[i] for k, v in columns.items()})
+                for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
+            ]
+            scores: RewardOutput = [None] * len(keys)
+            info: Info = [None] * len(keys)
+            todo = []
+            for i, key in enumerate(keys):
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    scores[i], info[i] = self._cache[key]
+                    result.cache_hits += 1
+                else:
+                    todo.append(i)
+            errors = timeouts = 0
+            if todo:
+                sub_columns = {k: [v[i] for i in todo] for k, v in columns.items()}
+                out, out_info, errors, timeouts = self._call(
+                    fn, spec.label, [prompts[i] for i in todo], [completions[i] for i in todo], sub_columns
+                )
+                for j, i in enumerate(todo):
+                    scores[i], info[i] = out[j], out_info[j]
+                    failed = out_info[j] is not None and "error" in out_info[j]  # type: ignore[operator]
+                    if not failed:
+                        self._remember(keys[i], out[j], out_info[j])
+            result.per_reward[spec.label], result.info[spec.label] = scores, info
+            result.errors[spec.label], result.timeouts[spec.label] = errors, timeouts
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        result.abandoned_threads = len(self._abandoned)
+        return result
+
+    # ---- one plugin on one chunk ----------------------------------------------------------------------
+
+    def _call(
+        self,
+        fn: RewardFn,
+        label: str,
+        prompts: list[Any],
+        completions: list[Any],
+        columns: dict[str, list[Any]],
+    ) -> tuple[RewardOutput, Info, int, int]:
+        """(scores, info, failed samples, timed-out samples): the chunk at once, else sample by sample."""
+        limit = self.config.time_limit_s
+        n = len(prompts)
+        try:
+            scores, info = self._with_deadline(
+                functools.partial(call_reward_with_info, fn, prompts, completions, name=label, **columns),
+                limit,
+            )
+            return scores, info, 0, 0
+        except _Timeout:
+            logger.error(
+                "reward '%s' timed out (> %.3g s) on a chunk of %d; retrying per sample", label, limit, n
+            )
+        except Exception as error:  # a user plugin: any exception is the plugin's, not ours
+            logger.error("reward '%s' failed on a chunk of %d (%s); retrying per sample", label, n, error)
+        # Per sample, all at once: a plugin that hangs on every sample costs one deadline, not n.
+        boxes = [
+            self._start(
+                functools.partial(
+                    call_reward_with_info,
+                    fn,
+                    [prompts[i]],
+                    [completions[i]],
+                    name=label,
+                    **{k: [v[i]] for k, v in columns.items()},
+                )
+            )
+            for i in range(n)
+        ]
+        deadline = time.monotonic() + limit
+        scores, info = [], []
+        failed = timed_out = 0
+        for i, (thread, box) in enumerate(boxes):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self._abandoned.append(thread)
+                timed_out += 1
+                error = f"timeout: no result within {limit:g} s"
+            elif "error" in box:
+                error = f"{type(box['error']).__name__}: {box['error']}"
+            else:
+                scores.extend(box["value"][0])
+                info.extend(box["value"][1])
+                continue
+            failed += 1
+            scores.append(None)
+            info.append({"error": error})
+            logger.error("reward '%s' failed on sample %d: %s", label, i, error)
+        return scores, info, failed, timed_out
+
+    def _with_deadline(self, call: Callable[[], Any], limit: float) -> Any:
+        thread, box = self._start(call)
+        thread.join(limit)
+        if thread.is_alive():
+            self._abandoned.append(thread)
+            raise _Timeout
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    @staticmethod
+    def _start(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as e:  # handed to the waiting thread
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name="rlstack-reward", daemon=True)
+        thread.start()
+        return thread, box
+
+    # ---- cache ----------------------------------------------------------------------------------------
+
+    def _key(self, label: str, version: str, prompt: Any, completion: Any, row: dict[str, Any]) -> str:
+        payload = json.dumps([label, version, prompt, completion, row], sort_keys=True, default=repr)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _remember(self, key: str, score: float | None, info: dict[str, Any] | None) -> None:
+        if self.config.cache_size == 0:
+            return
+        self._cache[key] = (score, info)
+        if len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+
+
+class RewardGroup:
+    """The driver's handle on reward scoring; called like a `RewardCombiner`."""
+
+    def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
+        check_specs(specs)
+        for spec in specs:  # fail fast, in the driver, on an unknown or unimportable plugin
+            resolve(spec)
+        self.specs = list(specs)
+        self.config = config or RewardWorkersConfig()
+        self.restarts = 0
+        self._local = RewardScorer(specs, self.config) if self.config.num_workers == 0 else None
+        self._workers = [self._spawn() for _ in range(self.config.num_workers)]
+        if self._workers:
+            import ray
+
+            try:
+                ray.get([w.ready.remote() for w in self._workers])
+            except Exception as error:
+                self.shutdown()
+                raise RewardError(
+                    f"reward workers could not load the reward plugins ({error}). A plugin's module must be "
+                    "importable in Ray workers: run from its directory, set PYTHONPATH, or ship it with "
+                    "`ray job submit --working-dir`"
+                ) from error
+
+    def _spawn(self) -> Any:
+        import ray
+
+        actor = ray.remote(num_cpus=self.config.cpus_per_worker, max_restarts=0)(RewardScorer)
+        return actor.remote(self.specs, self.config)
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> GroupRewards:
+        n = len(completions)
+        if len(prompts) != n or any(len(v) != n for v in columns.values()):
+            raise ValueError(
+                f"reward batch: {len(prompts)} prompts, {n} completions, columns of other lengths"
+            )
+        chunks = self._chunks(prompts, completions)
+        results = self._score_chunks(chunks, prompts, completions, columns)
+        return self._merge(n, chunks, results)
+
+    def _chunks(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[tuple[int, list[int]]]:
+        """(worker index, sample indices) pairs: each sample goes to the worker its hash picks."""
+        workers = max(1, len(self._workers))
+        by_worker: list[list[int]] = [[] for _ in range(workers)]
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            digest = hashlib.blake2b(json.dumps([p, c], default=repr).encode(), digest_size=8).digest()
+            by_worker[int.from_bytes(digest) % workers].append(i)
+        size = self.config.chunk_size
+        return [(w, ids[k : k + size]) for w, ids in enumerate(by_worker) for k in range(0, len(ids), size)]
+
+    def _score_chunks(
+        self,
+        chunks: list[tuple[int, list[int]]],
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        columns: dict[str, Any],
+    ) -> list[ChunkResult | None]:
+        def args(ids: list[int]) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+            return (
+                [prompts[i] for i in ids],
+                [completions[i] for i in ids],
+                {k: [v[i] for i in ids] for k, v in columns.items()},
+            )
+
+        if self._local is not None:
+            return [self._local.score(*args(ids)) for _, ids in chunks]
+        import ray
+
+        refs = [self._workers[w].score.remote(*args(ids)) for w, ids in chunks]
+        # A worker answers within two deadlines per plugin per chunk it holds (chunk call, then per-sample).
+        per_worker = max((sum(1 for w, _ in chunks if w == k) for k in range(len(self._workers))), default=0)
+        budget = 2 * self.config.time_limit_s * len(self.specs) * per_worker + 30.0
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=budget)
+        done = set(ready)
+        results: list[ChunkResult | None] = []
+        stuck: set[int] = set()
+        for (w, _), ref in zip(chunks, refs, strict=True):
+            result = None
+            if ref in done:
+                try:
+                    result = ray.get(ref)
+                except Exception as error:  # the actor died (a plugin crashed the process)
+                    logger.error("reward worker %d failed: %s", w, error)
+                    stuck.add(w)
+            else:
+                logger.error("reward worker %d did not answer within %.0f s; replacing it", w, budget)
+                stuck.add(w)
+            if result is not None and result.abandoned_threads > self.config.max_abandoned_threads:
+                logger.error(
+                    "reward worker %d has %d hung plugin calls; replacing it", w, result.abandoned_threads
+                )
+                stuck.add(w)
+            results.append(result)
+        for w in sorted(stuck):
+            ray.kill(self._workers[w], no_restart=True)
+            self._workers[w] = self._spawn()
+            self.restarts += 1
+        return results
+
+    def _merge(
+        self, n: int, chunks: list[tuple[int, list[int]]], results: list[ChunkResult | None]
+    ) -> GroupRewards:
+        labels = [s.label for s in self.specs]
+        per_reward: dict[str, RewardOutput] = {label: [None] * n for label in labels}
+        info: dict[str, Info] = {label: [None] * n for label in labels}
+        errors = dict.fromkeys(labels, 0)
+        timeouts = dict.fromkeys(labels, 0)
+        hits = 0
+        for (_, ids), result in zip(chunks, results, strict=True):
+            for label in labels:
+                if result is None:  # the worker was lost: every sample of the chunk fails
+                    errors[label] += len(ids)
+                    for i in ids:
+                        info[label][i] = {"error": "reward worker lost (hung or crashed)"}
+                    continue
+                for j, i in enumerate(ids):
+                    per_reward[label][i] = result.per_reward[label][j]
+                    info[label][i] = result.info[label][j]
+                errors[label] += result.errors[label]
+                timeouts[label] += result.timeouts[label]
+            hits += 0 if result is None else result.cache_hits
+        total = combine(per_reward, {s.label: s.weight for s in self.specs})
+        return GroupRewards(total, per_reward, errors, info, timeouts, hits, self.restarts)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self._workers:
+            ray.kill(worker, no_restart=True)
+        self._workers = []
+
+
+def plugin_version(fn: Any) -> str:
+    """What invalidates cached scores: `__version__` of the plugin or its package, else a hash of its source;
+    plus any bound options."""
+    options = ""
+    if isinstance(fn, functools.partial):
+        options = json.dumps(fn.keywords, sort_keys=True, default=repr)
+        fn = fn.func
+    version = getattr(fn, "__version__", None)
+    if version is None:
+        module = inspect.getmodule(fn)
+        version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            version = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+        except (OSError, TypeError):
+            version = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return f"{version}|{options}"
