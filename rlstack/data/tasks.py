@@ -262,13 +262,20 @@ def _linear(rng: random.Random) -> Problem:
 # ---- target-number puzzle -----------------------------------------------------------------------------
 
 
+PUZZLE_SIZES = (2, 3, 4)
+"""How many numbers a puzzle gives, drawn uniformly: a mix of easy and hard, so that a policy that only
+knows the answer format succeeds sometimes (about 1 in 4 two-number puzzles by guessing) and RL has
+a signal to start from."""
+
+
 def _puzzle(rng: random.Random) -> Problem:
-    """Four numbers 1-13 and a target reached by a random expression using each once (so one exists)."""
+    """2-4 numbers 1-13 and a target 1-200 reached by a random expression using each once (so one exists)."""
+    size = rng.choice(PUZZLE_SIZES)
     while True:
-        numbers = [rng.randint(1, 13) for _ in range(4)]
+        numbers = [rng.randint(1, 13) for _ in range(size)]
         order = rng.sample(numbers, len(numbers))
         tree = _random_tree(rng, order, "+-*")
-        if 10 <= tree.value <= 200:
+        if 1 <= tree.value <= 200:
             break
     # No worked solutions exist for RL here: the demonstration only shows the format, an expression over
     # the numbers (each once) in \boxed{}, built independently of the target, so usually wrong.
@@ -282,4 +289,4 @@ def _puzzle(rng: random.Random) -> Problem:
 register_task(TaskGenerator("arithmetic", _arithmetic, "2-3 digit addition and subtraction, column-wise"))
 register_task(TaskGenerator("multistep", _multistep, "expressions with 2-3 operations, e.g. (12+7)*3-5"))
 register_task(TaskGenerator("linear", _linear, "linear equations with an integer solution, e.g. 3*x+7=22"))
-register_task(TaskGenerator("puzzle", _puzzle, "make the target from 4 numbers with + - * and parentheses"))
+register_task(TaskGenerator("puzzle", _puzzle, "make the target from 2-4 numbers with + - * and parentheses"))

@@ -14,7 +14,8 @@ exactly as from an in-process `RewardCombiner`. Inside:
   `max_abandoned_threads` of them still running, or one that does not answer at all (a plugin holding the
   GIL in C code), is killed and replaced — its samples score None — and training goes on;
 - scores are cached per worker by (plugin, plugin version, options, prompt, completion, columns); failures
-  are not cached.
+  are not cached. A plugin marks its own timeouts with a "timeout" key in a sample's info (`RewardResult`);
+  they count in `timeouts` too.
 
 `reward_workers.num_workers: 0` runs the same `RewardScorer` in the driver process (no Ray actors).
 """
@@ -120,8 +121,10 @@ class RewardScorer:
                 )
                 for j, i in enumerate(todo):
                     scores[i], info[i] = out[j], out_info[j]
-                    failed = out_info[j] is not None and "error" in out_info[j]  # type: ignore[operator]
-                    if not failed:
+                    details = out_info[j] or {}
+                    if "timeout" in details:  # the plugin's own time limit (e.g. math's sympy check)
+                        timeouts += 1
+                    if "error" not in details and "timeout" not in details:  # failures are retried later
                         self._remember(keys[i], out[j], out_info[j])
             result.per_reward[spec.label], result.info[spec.label] = scores, info
             result.errors[spec.label], result.timeouts[spec.label] = errors, timeouts

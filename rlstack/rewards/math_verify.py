@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 from rlstack.rewards.extract import completion_text, extract_answer, last_boxed
-from rlstack.rewards.registry import register
+from rlstack.rewards.registry import RewardResult, register
 from rlstack.rewards.timelimit import Failure, TimeLimitedWorker, WorkerStats
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are wrong, not worth a sympy parse
@@ -242,8 +242,16 @@ def default_verifier() -> MathVerifier:
 @register("math")
 def math_reward(
     prompts: list[str], completions: list[Any], answer: Sequence[Any] | None = None, **columns: Any
-) -> list[float | None]:
+) -> list[float | None] | RewardResult:
     """1.0 if the completion's final answer (last `\\boxed{}`, else "answer is X", else the last number)
     equals the `answer` column, 0.0 if not or none is found, None for rows without an answer or when the
-    check timed out (counted in `default_verifier().stats.timeouts`)."""
-    return default_verifier().score(completions, answer)
+    check timed out (counted in `default_verifier().stats.timeouts`, and marked in the sample's info)."""
+    scores = default_verifier().score(completions, answer)
+    if answer is None:
+        return scores
+    unverified = {"timeout": "the equivalence check did not finish within the time limit"}
+    info = [
+        unverified if s is None and a is not None and str(a).strip() else None
+        for s, a in zip(scores, answer, strict=True)
+    ]
+    return RewardResult(scores, info) if any(info) else scores

@@ -139,3 +139,17 @@ def test_every_prompt_and_solution_fits_the_policy_tokenizer() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(tasks_module).failed == 0
+
+
+def test_puzzle_mixes_sizes_so_a_format_only_guess_sometimes_succeeds() -> None:
+    """RL needs a nonzero reward to start from: a random well-formed expression (what the format-only
+    warm start teaches) must hit the target now and then, most often on the small puzzles."""
+    rows = generate_rows("puzzle", "train", 600)
+    hit_rate = {}
+    for size in (2, 3, 4):
+        sized = [r for r in rows if len(r["numbers"]) == size]
+        assert len(sized) > 50, f"too few {size}-number puzzles"
+        demos = [re.fullmatch(r"\\boxed\{(.+)\}", r["solution"]).group(1) for r in sized]  # type: ignore[union-attr]
+        hits = [check_expression(d, r["numbers"], r["target"]) for d, r in zip(demos, sized, strict=True)]
+        hit_rate[size] = sum(hits) / len(sized)
+    assert hit_rate[2] > 0.15 and hit_rate[2] > hit_rate[3] > hit_rate[4] > 0, hit_rate

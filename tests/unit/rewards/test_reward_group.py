@@ -133,3 +133,15 @@ def test_group_refuses_unknown_plugins_and_mismatched_columns() -> None:
     group = RewardGroup([spec(counting)], RewardWorkersConfig(num_workers=0))
     with pytest.raises(ValueError, match="columns of other lengths"):
         group(["p", "p"], ["a", "b"], answer=["1"])
+
+
+def test_math_verifier_timeouts_are_counted_and_not_cached() -> None:
+    scorer = RewardScorer([RewardSpec(name="math")], RewardWorkersConfig(num_workers=0))
+    completions = ["\\boxed{9^{9^{9}}}", "\\boxed{4}"]
+    out = scorer.score(["p", "p"], completions, {"answer": ["5", "4"]})
+    assert out.per_reward["math"] == [None, 1.0]
+    assert out.timeouts["math"] == 1 and out.errors["math"] == 0
+    assert "timeout" in out.info["math"][0]
+    assert (
+        scorer.score(["p", "p"], completions, {"answer": ["5", "4"]}).cache_hits == 1
+    )  # only the verified one
