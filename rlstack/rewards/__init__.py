@@ -1,8 +1,9 @@
 """Reward plugins (TRL-compatible functions): the registry, the math and puzzle verifiers, the combiner."""
 
+from rlstack.rewards.code_verify import CodeVerifier, code_reward
 from rlstack.rewards.config import RewardSpec
 
-# Importing the verifier modules registers the in-tree rewards (math, puzzle).
+# Importing the verifier modules registers the in-tree rewards (code, math, puzzle).
 from rlstack.rewards.math_verify import MathVerifier, default_verifier, math_reward
 from rlstack.rewards.puzzle import check_expression, puzzle_reward
 from rlstack.rewards.registry import (
@@ -23,6 +24,7 @@ from rlstack.rewards.registry import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CodeVerifier",
     "CombinedRewards",
     "MathVerifier",
     "RewardCombiner",
@@ -31,6 +33,7 @@ __all__ = [
     "RewardSpec",
     "call_reward",
     "check_expression",
+    "code_reward",
     "combine",
     "default_verifier",
     "get_reward",

@@ -41,7 +41,11 @@ Info = list[dict[str, Any] | None]
 RewardFn = Callable[..., RewardOutput | Awaitable[RewardOutput]]
 
 _REWARDS: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("rlstack.rewards.math_verify", "rlstack.rewards.puzzle")
+_BUILTIN_MODULES = (
+    "rlstack.rewards.math_verify",
+    "rlstack.rewards.puzzle",
+    "rlstack.rewards.code_verify",
+)
 
 
 class RewardError(ValueError):

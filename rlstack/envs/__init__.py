@@ -1,0 +1,30 @@
+"""Sandboxes for untrusted code (the `Sandbox` interface, a process backend; Docker and bubblewrap later)."""
+
+from rlstack.envs.sandbox import (
+    Files,
+    Limits,
+    RunResult,
+    Sandbox,
+    SandboxError,
+    get_sandbox,
+    register_backend,
+)
+
+__all__ = [
+    "Files",
+    "Limits",
+    "ProcessSandbox",
+    "RunResult",
+    "Sandbox",
+    "SandboxError",
+    "get_sandbox",
+    "register_backend",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name == "ProcessSandbox":
+        from rlstack.envs.process import ProcessSandbox
+
+        return ProcessSandbox
+    raise AttributeError(f"module 'rlstack.envs' has no attribute {name!r}")
