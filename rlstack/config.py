@@ -112,6 +112,13 @@ class RunConfig(StrictModel):
     def _check(self) -> RunConfig:
         if self.algorithm.advantage == "group" and self.rollout.sampling.n < 2:
             raise ValueError("algorithm.advantage 'group' needs rollout.sampling.n >= 2 responses per prompt")
+        critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
+        if critic_advantage != critic_on:
+            raise ValueError(
+                "algorithm.advantage 'critic' needs learner.critic.enabled: true"
+                if critic_advantage
+                else "learner.critic.enabled but algorithm.advantage is 'group': nothing would use the critic"
+            )
         return self
 
 

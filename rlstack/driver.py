@@ -1,9 +1,9 @@
 """The single controller: the only place that sees the whole RL loop.
 
-`Trainer.step()` reads top to bottom: sample prompts → generate → score → old log-probs → MIS filters
-→ advantages → train → sync weights → log. Sync mode runs them in turn; async mode keeps up to
-`max_staleness` generation batches queued on the rollout actors, so the next batch is sampled (by the
-previous policy) while the learner trains, and a batch made by version v is trained on only while
+`Trainer.step()` reads top to bottom: sample prompts → generate → score → old log-probs (and critic
+values) → MIS filters → advantages → train → sync weights → log. Sync mode runs them in turn; async mode
+keeps up to `max_staleness` generation batches queued on the rollout actors, so the next batch is sampled
+(by the previous policy) while the learner trains, and a batch made by version v is trained on only while
 current − v ≤ k.
 """
 
@@ -86,16 +86,22 @@ class Trainer:
         batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id)
         with timer("old_logprobs"):
             batch = batch.replace(old_logp=self.learner.compute_logprobs(batch))
+        values = None
+        if self.cfg.algorithm.advantage == "critic":
+            with timer("values"):
+                values = self.learner.compute_values(batch)  # (B, L) V(s_t), aligned like old_logp
         batch = batch.replace(filter=self.mis_filter(batch.old_logp, batch.rollout_logp, batch.loss_mask))
-        advantages, _ = compute_advantages(
+        advantages, returns = compute_advantages(
             self.cfg.algorithm,
             batch.rewards,
             batch.loss_mask,
             group_ids=batch.group_ids,
             truncated=batch.truncated,
+            values=values,
         )
         with timer("train"):
-            train_metrics = self.learner.train_step(batch.replace(advantages=advantages), self.cfg.algorithm)
+            batch = batch.replace(advantages=advantages, returns=returns)
+            train_metrics = self.learner.train_step(batch, self.cfg.algorithm)
         with timer("sync"):
             sync_metrics = self.rollout.update_weights(self.learner.export_weights(), self.learner.version)
         self.step_index += 1

@@ -12,7 +12,10 @@ Public API
 - `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, micro_batch_size)`: one rank's
   micro-batched forward/backward with the global normaliser (plain torch; `TorchSink`, `LocalReducer`).
 - `LearnerWorker` (one rank, a Ray actor's class), `LearnerGroup(model_path, learner_cfg, run_env)`:
-  `compute_logprobs`, `train_step`, `export_weights`, `save_checkpoint`, `load_checkpoint`, `shutdown`.
+  `compute_logprobs`, `compute_values` (critic), `train_step`, `export_weights`, `save_checkpoint`,
+  `load_checkpoint`, `shutdown`.
+- Critic (`learner.critic`, `CriticConfig`): `ValueModel` (policy trunk + scalar head, values aligned like
+  log-probs), `accumulate_critic_minibatch` (its micro-batched MSE step, plain torch).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from rlstack.lazy import lazy_exports
 
 _MODULE_OF = {
     "LearnerConfig": "config",
+    "CriticConfig": "config",
+    "ValueModel": "critic",
+    "accumulate_critic_minibatch": "critic",
     "PolicyBatch": "batch",
     "collate": "batch",
     "TokenScores": "logprobs",
@@ -38,6 +44,7 @@ _MODULE_OF = {
     "LearnerGroup": "group",
 }
 __all__ = [
+    "CriticConfig",
     "LearnerConfig",
     "LearnerGroup",
     "LearnerWorker",
@@ -46,6 +53,8 @@ __all__ = [
     "PolicyBatch",
     "TokenScores",
     "TorchSink",
+    "ValueModel",
+    "accumulate_critic_minibatch",
     "accumulate_minibatch",
     "collate",
     "entropy_from_logits",
@@ -56,7 +65,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from rlstack.learner.batch import PolicyBatch, collate
-    from rlstack.learner.config import LearnerConfig
+    from rlstack.learner.config import CriticConfig, LearnerConfig
+    from rlstack.learner.critic import ValueModel, accumulate_critic_minibatch
     from rlstack.learner.group import LearnerGroup
     from rlstack.learner.logprobs import (
         TokenScores,

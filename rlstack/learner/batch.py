@@ -30,6 +30,7 @@ _TOKEN_FIELDS = (
     "old_logp",
     "advantages",
     "ref_logp",
+    "returns",
 )
 _SEQ_FIELDS = ("rewards", "group_ids", "truncated", "versions")
 _ALL_FIELDS = (*_TOKEN_FIELDS, *_SEQ_FIELDS)
@@ -51,6 +52,7 @@ class PolicyBatch:
     advantages: torch.Tensor | None = None  # (B, L) A_t, 0 off the loss mask
     ref_logp: torch.Tensor | None = None  # (B, L) log pi_ref, only for the KL penalty
     filter: FilterResult | None = None  # the step's MIS filter output for these rows, (B, L) masks
+    returns: torch.Tensor | None = None  # (B, L) critic targets R_t, 0 off the loss mask (critic only)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -1,4 +1,4 @@
-"""Typed configuration of the learner: data-parallel ranks, ZeRO stage, optimizer, micro-batching.
+"""Typed configuration of the learner: data-parallel ranks, ZeRO stage, optimizer, micro-batching, critic.
 
 Imports pydantic only (no torch, no DeepSpeed), so a run config validates before anything heavy loads.
 """
@@ -10,6 +10,37 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlstack.config_base import StrictModel
+
+
+class CriticConfig(StrictModel):
+    """The value model of the actor-critic variant (`algorithm.advantage: critic`, docs/MISPO.md): the policy
+    checkpoint's trunk plus a fresh scalar head, trained with a masked MSE as a second DeepSpeed engine on
+    every learner rank. It shares the learner's ZeRO stage, ranks, micro-batching, mini-batches and AdamW
+    settings (betas, eps, weight decay, clipping); only the learning rate is its own."""
+
+    enabled: bool = False
+    """Build and train the critic. `LearnerGroup.compute_values` and the `returns` of `train_step` need it."""
+
+    lr: float | None = Field(None, gt=0.0)
+    """AdamW learning rate of the critic (constant); None uses `learner.lr`."""
+
+    model_path: str | None = Field(None, min_length=1)
+    """Checkpoint whose trunk (a Step3p5 causal LM without its LM head) starts the critic; None = the policy
+    checkpoint the learner loads. The scalar value head is always fresh (std 1 / (hidden + 1), zero bias)."""
+
+    head_seed: int = 0
+    """Seed of the value head's initialisation (the same on every rank)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CriticConfig:
+        stray = [name for name in ("lr", "model_path") if getattr(self, name) is not None]
+        if stray and not self.enabled:
+            keys = ", ".join(f"learner.critic.{name}" for name in stray)
+            raise ValueError(
+                f"{keys} set but learner.critic.enabled is false: set learner.critic.enabled: true "
+                "(algorithm.advantage: critic needs it) or drop those keys"
+            )
+        return self
 
 
 class LearnerConfig(StrictModel):
@@ -55,6 +86,14 @@ class LearnerConfig(StrictModel):
 
     cpus_per_rank: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved per learner actor (fractional is allowed, e.g. 0.5 to share a core in tests)."""
+
+    critic: CriticConfig = CriticConfig()
+    """Value model for critic advantages (off by default: group advantages need none)."""
+
+    @property
+    def critic_lr(self) -> float:
+        """The critic's learning rate: `critic.lr`, or `lr` when that is unset."""
+        return self.lr if self.critic.lr is None else self.critic.lr
 
     @model_validator(mode="after")
     def _check(self) -> LearnerConfig:

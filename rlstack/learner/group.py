@@ -8,6 +8,10 @@ concatenated back in order); metrics come back global. Needs `ray.init(...)` don
     metrics = group.train_step(batch, algo_cfg)              # n_minibatches optimizer steps
     weights = group.export_weights()                         # {vLLM name: fp32 tensor}
     group.save_checkpoint(run_dir / "checkpoints/step_1"); group.shutdown()
+
+With `learner.critic.enabled` (`algorithm.advantage: critic`): `values = group.compute_values(batch)`,
+`adv, returns = compute_advantages(cfg, ..., values=values, truncated=batch.truncated)`, then
+`group.train_step(batch.replace(advantages=adv, returns=returns), cfg)` also takes the critic's steps.
 """
 
 from __future__ import annotations
@@ -93,22 +97,40 @@ class LearnerGroup:
         out = ray.get([a.compute_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)])
         return torch.cat(out)[: len(batch)]
 
-    def train_step(self, batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> dict[str, float]:
-        """One policy update (`n_minibatches` optimizer steps) on the whole step batch.
+    def compute_values(self, batch: PolicyBatch) -> torch.Tensor:
+        """(B, L) critic values V(s_t), aligned like `compute_logprobs` (position t: the state token t was
+        sampled in; 0 at position 0 and on padding), rows in batch order. Needs `learner.critic.enabled`."""
+        import ray
 
-        Needs `batch.advantages`. Fills in what is missing: `old_logp` (recomputed with the current weights)
-        and, for stateless trajectory filters (`fixed`/`off`), the MIS filter over the whole batch, so its
-        metrics are batch-level. Stateful filters (`adaptive`/`stochastic`) must come from the caller's
-        long-lived `MISFilter`. Returns global metrics, including batch counts and staleness.
+        if not self.cfg.critic.enabled:
+            raise ValueError(
+                "compute_values needs the critic: set learner.critic.enabled: true "
+                "(algorithm.advantage: critic uses it)"
+            )
+        shards = _shards(batch, self.num_ranks)
+        out = ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards, strict=True)])
+        return torch.cat(out)[: len(batch)]
+
+    def train_step(self, batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> dict[str, float]:
+        """One policy update (`n_minibatches` optimizer steps) on the whole step batch; with a critic, first
+        its `n_minibatches` steps on `batch.returns` (`critic/...` metrics).
+
+        Needs `batch.advantages`, and `batch.returns` exactly when `learner.critic.enabled`. Fills in what
+        is missing: `old_logp` (recomputed with the current weights) and, for stateless trajectory filters
+        (`fixed`/`off`), the MIS filter over the whole batch, so its metrics are batch-level. Stateful
+        filters (`adaptive`/`stochastic`) must come from the caller's long-lived `MISFilter`. Returns
+        global metrics, including batch counts and staleness.
         """
         import ray
 
+        from rlstack.learner.critic import check_critic_inputs
         from rlstack.mispo import apply_filters
 
         if batch.advantages is None:
             raise ValueError(
                 "train_step: batch.advantages is None; set them (rlstack.mispo.compute_advantages)"
             )
+        check_critic_inputs(batch, enabled=self.cfg.critic.enabled)
         if batch.old_logp is None:
             batch = batch.replace(old_logp=self.compute_logprobs(batch))
         if batch.filter is None and algo_cfg.traj_filter in ("fixed", "off"):
@@ -145,12 +167,21 @@ class LearnerGroup:
     # ---- weights and checkpoints ---------------------------------------------------------------
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Full fp32 state dict under the HF/vLLM checkpoint names (gathered from ZeRO-3 shards)."""
+        """The policy's full fp32 state dict under the HF/vLLM checkpoint names (gathered from ZeRO-3
+        shards); never the critic."""
         import ray
 
         if self.cfg.zero_stage == 3:  # the gather is collective
             return ray.get([a.export_weights.remote() for a in self.actors])[0]
         return ray.get(self.actors[0].export_weights.remote())
+
+    def critic_weights(self) -> dict[str, torch.Tensor]:
+        """The critic's full fp32 state dict (`model.*` trunk, `value_head.*`); needs the critic."""
+        import ray
+
+        if not self.cfg.critic.enabled:
+            raise ValueError("critic_weights: learner.critic.enabled is false, there is no critic")
+        return ray.get([a.critic_weights.remote() for a in self.actors])[0]
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """HF-format policy + `trainer_state/` into `path` (see `LearnerWorker.save_checkpoint`)."""
@@ -160,7 +191,8 @@ class LearnerGroup:
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        """Exact resume from `save_checkpoint(path)`: weights, optimizer, RNG and version."""
+        """Exact resume from `save_checkpoint(path)`: weights, optimizer, RNG and version (the critic's
+        weights and optimizer too, when enabled)."""
         import ray
 
         versions = ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])

@@ -5,6 +5,11 @@ Lifecycle: `__init__` (cheap) -> `setup(master_addr, master_port)` on every rank
 model, ZeRO engine) -> `compute_logprobs` / `train_step` / `export_weights` / `save_checkpoint` ->
 `shutdown`. Every method that touches parameters is collective under ZeRO-3: call it on all ranks.
 
+With `learner.critic.enabled` the rank holds a second engine, the critic (`critic.ValueModel`): same ZeRO
+stage and process group, its own AdamW. `compute_values` scores with it, `train_step` takes a critic step
+before the policy step, checkpoints carry its full state; `export_weights` stays the policy only.
+One DeepSpeed process group per process: build one worker per process (DeepSpeed caches its groups).
+
 Process group: we create it ourselves with `torch.distributed.init_process_group` WITHOUT `device_id`
 and only then call `deepspeed.init_distributed`, which adopts it. DeepSpeed >= 0.17.3 binds `device_id`
 on CUDA, which has been reported to hang the weight sync that follows the first training step when
@@ -32,6 +37,13 @@ import torch.distributed as dist
 
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import LearnerConfig
+from rlstack.learner.critic import (
+    CRITIC_SUMMED,
+    ValueModel,
+    accumulate_critic_minibatch,
+    check_critic_inputs,
+    finish_critic_metrics,
+)
 from rlstack.learner.logprobs import score_tokens
 from rlstack.learner.step import (
     SUMMED,
@@ -66,9 +78,10 @@ def resolve_backend(backend: str, cuda_available: bool) -> str:
     return backend
 
 
-def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
-    """The DeepSpeed config dict for `cfg`. Accumulation is driven by the caller (boundaries set per
-    micro-batch, `scale_wrt_gas=False`), so DeepSpeed's own accumulation count stays 1."""
+def deepspeed_config(cfg: LearnerConfig, lr: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` (with learning rate `lr` instead of `cfg.lr`: the critic's).
+    Accumulation is driven by the caller (boundaries set per micro-batch, `scale_wrt_gas=False`), so
+    DeepSpeed's own accumulation count stays 1."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
         # DeepSpeed's default buckets are 5e8 elements (2 GB of fp32 staging per rank): far more than we need.
@@ -82,7 +95,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": cfg.lr,
+                "lr": cfg.lr if lr is None else lr,
                 "betas": list(cfg.betas),
                 "eps": cfg.adam_eps,
                 "weight_decay": cfg.weight_decay,
@@ -138,6 +151,7 @@ class LearnerWorker:
         self.world_size = world_size
         self.version = 0
         self.engine: Any = None
+        self.critic: Any = None  # the value model's engine when cfg.critic.enabled
         self.device = torch.device("cpu")
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -152,12 +166,11 @@ class LearnerWorker:
         return free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        """Join the process group, load the policy from `model_path` and build the ZeRO engine."""
+        """Join the process group, load the policy from `model_path` and build the ZeRO engine (and the
+        critic's, when enabled)."""
         import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
 
         from rlstack.model import Step3p5ForCausalLM
-        from rlstack.model.modeling import Step3p5MoE
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         backend = resolve_backend(self.cfg.backend, torch.cuda.is_available())
@@ -189,18 +202,36 @@ class LearnerWorker:
             )
         deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
 
-        model = Step3p5ForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        model = Step3p5ForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.engine = self._engine(model, self.cfg.lr)
+        if self.cfg.critic.enabled:
+            # Loading may draw from the global RNGs; fork them so the policy's streams do not depend on
+            # whether a critic exists.
+            with torch.random.fork_rng(devices=[]):
+                critic_path = self.cfg.critic.model_path or self.model_path
+                value_model = ValueModel.from_policy(critic_path, self.cfg.critic.head_seed)
+            self.critic = self._engine(value_model, self.cfg.critic_lr)
+        self._reducer = DistReducer(self.device)
+        self._sink = _EngineSink(self.engine)
+
+    def _engine(self, model: torch.nn.Module, lr: float) -> Any:
+        """A ZeRO engine with its own AdamW (learning rate `lr`) over `model`, on this rank's device."""
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from rlstack.model.modeling import Step3p5MoE
+
+        model = model.to(self.device)
         if self.cfg.zero_stage == 3:
             # The MoE block indexes its packed expert weights directly (their holder modules never run
             # forward), so ZeRO-3 must gather the whole block at once.
             set_z3_leaf_modules(model, [Step3p5MoE])
-        self.engine, *_ = deepspeed.initialize(
+        engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, self.cfg.weight_decay),
-            config=deepspeed_config(self.cfg),
+            config=deepspeed_config(self.cfg, lr),
         )
-        self._reducer = DistReducer(self.device)
-        self._sink = _EngineSink(self.engine)
+        return engine
 
     def dist_info(self) -> dict[str, Any]:
         """Facts about this rank's default process group (tests check that no device is bound)."""
@@ -218,59 +249,127 @@ class LearnerWorker:
     def compute_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         """log pi(input_ids[t] | < t) for this rank's rows with the current weights (pi_old). (B, L),
         0 at position 0 and on padding. Collective under ZeRO-3 (every rank needs >= 1 row)."""
-        self.engine.eval()
+
+        def logp(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+            return score_tokens(self.engine, ids, attn, with_entropy=False, with_routing=False).logp
+
+        return self._score_rows(self.engine, batch, logp)
+
+    @torch.no_grad()
+    def compute_values(self, batch: PolicyBatch) -> torch.Tensor:
+        """Critic values V(s_t) of this rank's rows, aligned like `compute_logprobs` (position t: the state
+        token t was sampled in). (B, L), 0 at position 0 and on padding. Collective under ZeRO-3."""
+        if self.critic is None:
+            raise ValueError(
+                "compute_values needs the critic: set learner.critic.enabled: true "
+                "(algorithm.advantage: critic uses it)"
+            )
+        return self._score_rows(self.critic, batch, lambda ids, attn: self.critic(ids, attn))
+
+    def _score_rows(self, engine: Any, batch: PolicyBatch, score: Any) -> torch.Tensor:
+        """`score(ids, attn) -> (b, l)` over micro-batches of `batch` (padded with inert ones to the
+        largest count of any rank, for ZeRO-3's collectives), 0 on padding, back at length L."""
+        engine.eval()
         n_real = len(batch.chunks(self.cfg.micro_batch_size))
         out = []
         for i, mb in enumerate(padded_micro_batches(batch, self.cfg.micro_batch_size, self._reducer)):
             mb = mb.trim()
             ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
-            logp = score_tokens(self.engine, ids, attn, with_entropy=False, with_routing=False).logp
+            scores = score(ids, attn)  # (b, l)
             if i < n_real:
-                logp = torch.where(attn.bool(), logp, 0.0).float().cpu()  # (b, l)
-                out.append(torch.nn.functional.pad(logp, (0, batch.seq_len - logp.shape[1])))
+                scores = torch.where(attn.bool(), scores, 0.0).float().cpu()  # (b, l)
+                out.append(torch.nn.functional.pad(scores, (0, batch.seq_len - scores.shape[1])))
         return torch.cat(out)
 
     def train_step(
         self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
     ) -> dict[str, float]:
-        """One policy update: `n_minibatches` optimizer steps. `batch` is this rank's rows (split here into
-        `cfg.n_minibatches`), or a list with this rank's rows of each global mini-batch (what
-        `LearnerGroup` sends). Returns global metrics (identical on every rank); bumps `version`."""
+        """One update: with a critic, first `n_minibatches` critic steps on `returns`, then (always)
+        `n_minibatches` policy steps. `batch` is this rank's rows (split here into `cfg.n_minibatches`), or a
+        list with this rank's rows of each global mini-batch (what `LearnerGroup` sends). Returns global
+        metrics (identical on every rank; `critic/...` with a critic); bumps `version`."""
         start = time.perf_counter()
-        if isinstance(batch, list):
-            minibatches = batch
-        else:
-            minibatches = list(iter_minibatches(batch, self.cfg.n_minibatches))
-        self.engine.train()
-        total = MetricSums()
-        grad_norms = []
-        for shard in minibatches:
-            mbs = self.cfg.micro_batch_size
-            stats = accumulate_minibatch(
-                self.engine, shard, algo_cfg, self._sink, self._reducer, mbs, self.device
-            )
-            pre_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            grad_norms.append(float(norm if norm is not None else pre_norm))
-            total.merge(stats)
-        metrics = total.all_reduce(self._reducer).result()
-        for k in SUMMED:  # mean of the mini-batch losses
-            if k in metrics:
-                metrics[k] /= len(minibatches)
+        minibatches = self._minibatches(batch)
+        metrics = self.train_critic(minibatches, algo_cfg) if self.critic is not None else {}
+        metrics |= self.train_policy(minibatches, algo_cfg)
         self.version += 1
         metrics |= {
-            "actor/grad_norm": sum(grad_norms) / len(grad_norms),
-            "actor/lr": float(self.engine.get_lr()[0]),
             "learner/version": float(self.version),
             "learner/step_time_s": time.perf_counter() - start,
         }
         return metrics
 
-    def _grad_norm(self) -> float:
-        """Global 2-norm of the (already all-reduced) gradients; ZeRO-0 does not record it."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    def _minibatches(self, batch: PolicyBatch | list[PolicyBatch]) -> list[PolicyBatch]:
+        minibatches = (
+            batch if isinstance(batch, list) else list(iter_minibatches(batch, self.cfg.n_minibatches))
+        )
+        for shard in minibatches:
+            check_critic_inputs(shard, enabled=self.cfg.critic.enabled)
+        return minibatches
+
+    def train_policy(
+        self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
+    ) -> dict[str, float]:
+        """The policy's optimizer steps of `train_step` (one per mini-batch); `actor/...` metrics. Does not
+        bump `version` (train_step does)."""
+        minibatches = self._minibatches(batch)
+
+        def accumulate(shard: PolicyBatch) -> MetricSums:
+            mbs = self.cfg.micro_batch_size
+            return accumulate_minibatch(
+                self.engine, shard, algo_cfg, self._sink, self._reducer, mbs, self.device
+            )
+
+        return self._optimize(self.engine, minibatches, accumulate, SUMMED, "actor")
+
+    def train_critic(
+        self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
+    ) -> dict[str, float]:
+        """The critic's optimizer steps of `train_step`: masked MSE of V(s_t) against `batch.returns`,
+        normalised like the policy loss (`algorithm.loss_norm`, global over ranks); `critic/...` metrics."""
+        if self.critic is None:
+            raise ValueError("train_critic needs the critic: set learner.critic.enabled: true")
+        minibatches = self._minibatches(batch)
+        sink = _EngineSink(self.critic)
+
+        def accumulate(shard: PolicyBatch) -> MetricSums:
+            mbs, norm = self.cfg.micro_batch_size, algo_cfg.loss_norm
+            return accumulate_critic_minibatch(
+                self.critic, shard, norm, sink, self._reducer, mbs, self.device
+            )
+
+        metrics = self._optimize(self.critic, minibatches, accumulate, CRITIC_SUMMED, "critic")
+        return finish_critic_metrics(metrics)
+
+    def _optimize(
+        self,
+        engine: Any,
+        minibatches: list[PolicyBatch],
+        accumulate: Any,
+        summed: tuple[str, ...],
+        prefix: str,
+    ) -> dict[str, float]:
+        """One optimizer step of `engine` per mini-batch (`accumulate(shard) -> MetricSums` fills the
+        gradients); global metrics with the mean of the mini-batch losses, grad norm and lr."""
+        engine.train()
+        total = MetricSums()
+        grad_norms = []
+        for shard in minibatches:
+            stats = accumulate(shard)
+            pre_norm = _grad_norm(engine) if self.cfg.zero_stage == 0 else None
+            engine.step()
+            norm = engine.get_global_grad_norm()
+            grad_norms.append(float(norm if norm is not None else pre_norm))
+            total.merge(stats)
+        metrics = total.all_reduce(self._reducer).result()
+        for k in summed:  # mean of the mini-batch losses
+            if k in metrics:
+                metrics[k] /= len(minibatches)
+        metrics |= {
+            f"{prefix}/grad_norm": sum(grad_norms) / len(grad_norms),
+            f"{prefix}/lr": float(engine.get_lr()[0]),
+        }
+        return metrics
 
     def get_version(self) -> int:
         return self.version
@@ -279,9 +378,21 @@ class LearnerWorker:
 
     @torch.no_grad()
     def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 state dict (parameters and persistent buffers such as `router_bias`) under the HF /
-        vLLM checkpoint names, on rank 0 (None elsewhere). Collective under ZeRO-3."""
-        module = self.engine.module
+        """The policy's full fp32 state dict (parameters and persistent buffers such as `router_bias`) under
+        the HF / vLLM checkpoint names, on rank 0 (None elsewhere). Never the critic. Collective under
+        ZeRO-3."""
+        return self._full_state(self.engine)
+
+    @torch.no_grad()
+    def critic_weights(self) -> dict[str, torch.Tensor] | None:
+        """The critic's full fp32 state dict (`model.*` trunk, `value_head.*`) on rank 0, None elsewhere.
+        Collective under ZeRO-3."""
+        if self.critic is None:
+            raise ValueError("critic_weights: learner.critic.enabled is false, there is no critic")
+        return self._full_state(self.critic)
+
+    def _full_state(self, engine: Any) -> dict[str, torch.Tensor] | None:
+        module = engine.module
         if self.cfg.zero_stage != 3:
             if self.rank != 0:
                 return None
@@ -323,8 +434,9 @@ class LearnerWorker:
 
     def save_checkpoint(self, path: str) -> None:
         """`path/`: HF-format policy (config, safetensors, tokenizer files copied from the source
-        checkpoint) that vLLM loads; `path/trainer_state/`: DeepSpeed optimizer + engine state, per-rank
-        RNG states and `learner.json` (version, world size, ZeRO stage). Collective."""
+        checkpoint) that vLLM loads; `path/trainer_state/`: DeepSpeed optimizer + engine state (`deepspeed/`,
+        and the critic's whole engine in `critic/`), per-rank RNG states and `learner.json` (version, world
+        size, ZeRO stage, critic). Collective."""
         root = Path(path)
         state = root / "trainer_state"
         state.mkdir(parents=True, exist_ok=True)
@@ -333,6 +445,10 @@ class LearnerWorker:
         self.engine.save_checkpoint(
             str(state / "deepspeed"), tag=tag, client_state={"version": self.version}, save_latest=True
         )
+        if self.critic is not None:
+            self.critic.save_checkpoint(
+                str(state / "critic"), tag=tag, client_state={"version": self.version}, save_latest=True
+            )
         torch.save(_rng_state(), state / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             assert weights is not None
@@ -343,6 +459,7 @@ class LearnerWorker:
                 "tag": tag,
                 "world_size": self.world_size,
                 "zero_stage": self.cfg.zero_stage,
+                "critic": self.critic is not None,
             }
             (state / "learner.json").write_text(json.dumps(meta, indent=2) + "\n")
         dist.barrier()
@@ -361,20 +478,35 @@ class LearnerWorker:
                 f"learner has {self.world_size} ranks and ZeRO-{self.cfg.zero_stage}; resume with the same "
                 "learner.num_ranks and learner.zero_stage (or start from the HF weights in that directory)"
             )
-        ds_dir = state / "deepspeed"
-        loaded, client = self.engine.load_checkpoint(
-            str(ds_dir), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {meta['tag']}")
+        saved_critic = bool(meta.get("critic", False))  # checkpoints from before the critic have none
+        if saved_critic != self.cfg.critic.enabled:
+            had, has = ("a", "no") if saved_critic else ("no", "a")
+            raise ValueError(
+                f"{meta_file}: saved with {had} critic, but this learner has {has} critic "
+                f"(learner.critic.enabled = {self.cfg.critic.enabled}); resume with the setting it was saved "
+                "with (or start from the HF weights in that directory)"
+            )
+        client = self._load_engine(self.engine, state / "deepspeed", meta["tag"])
+        if self.critic is not None:
+            self._load_engine(self.critic, state / "critic", meta["tag"])
         self.version = int(client["version"])
         _set_rng_state(torch.load(state / f"rng_rank{self.rank}.pt", weights_only=False))
         dist.barrier()
         return self.version
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """This rank's optimizer state tensors, flattened in a fixed order (tests compare them)."""
-        opt = self.engine.optimizer
+    @staticmethod
+    def _load_engine(engine: Any, ds_dir: Path, tag: str) -> dict[str, Any]:
+        loaded, client = engine.load_checkpoint(
+            str(ds_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {tag}")
+        return client
+
+    def optimizer_state(self, critic: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state tensors (the critic's with `critic`), flattened in a fixed order
+        (tests compare them)."""
+        opt = (self.critic if critic else self.engine).optimizer
         base = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
         out: dict[str, torch.Tensor] = {}
         # ZeRO-3 empties param_groups between steps, so walk the state itself (insertion order is stable)
@@ -386,9 +518,15 @@ class LearnerWorker:
 
     def shutdown(self) -> None:
         """Leave the process group (so the actor can exit cleanly)."""
-        self.engine = None
+        self.engine = self.critic = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _grad_norm(engine: Any) -> float:
+    """Global 2-norm of the (already all-reduced) gradients; ZeRO-0 does not record it."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
 def _export(t: torch.Tensor) -> torch.Tensor:

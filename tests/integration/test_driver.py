@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -134,3 +135,18 @@ def test_misbehaving_reward_plugins_cost_only_their_samples(tmp_path: Path) -> N
     assert timeouts and all(
         "timeout" in r["reward_info"]["toy_rewards:sleeps_past_the_limit"]["error"] for r in timeouts
     )
+
+
+def test_actor_critic_run_trains_the_critic_beside_the_policy(tmp_path: Path) -> None:
+    config = tiny_run(
+        tmp_path / "critic",
+        trainer={"steps": 3},
+        algorithm={"advantage": "critic"},
+        learner={"critic": {"enabled": True, "lr": 1e-3}},
+    )
+    steps = run_steps(config, tmp_path)
+    assert all(m["actor/grad_norm"] > 0 and m["critic/grad_norm"] > 0 for m in steps)
+    assert all(m["time/values"] > 0 for m in steps)
+    assert all(math.isfinite(m["critic/mse"]) and m["critic/lr"] == 1e-3 for m in steps)
+    # The critic's values move between steps (it is trained), and they feed the advantages.
+    assert len({round(m["critic/value_mean"], 6) for m in steps}) == 3

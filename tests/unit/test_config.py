@@ -79,3 +79,12 @@ def test_help_lists_subcommands() -> None:
     ).stdout
     for command in ("train", "sft", "eval", "config", "model"):
         assert command in out
+
+
+def test_critic_advantage_and_critic_learner_must_agree() -> None:
+    with pytest.raises(ConfigError, match=r"needs learner\.critic\.enabled"):
+        load_config(None, ["algorithm.advantage=critic"])
+    with pytest.raises(ConfigError, match="nothing would use the critic"):
+        load_config(None, ["learner.critic.enabled=true"])
+    cfg = load_config(None, ["algorithm.advantage=critic", "learner.critic.enabled=true"])
+    assert cfg.learner.critic.enabled
