@@ -18,6 +18,7 @@ other process groups are created later (allenai/open-instruct#1311, deepspeedai/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,13 @@ class LearnerWorker:
                 self.engine, shard, algo_cfg, self._sink, self._reducer, mbs, self.device
             )
 
-        return self._optimize(self.engine, minibatches, accumulate, SUMMED, "actor")
+        return self._optimize(self.engine, minibatches, accumulate, SUMMED, "actor", self._has_signal)
+
+    def _has_signal(self, shard: PolicyBatch) -> bool:
+        """Whether any rank's mini-batch has a nonzero advantage on a token it trains on (collective)."""
+        assert shard.advantages is not None
+        local = ((shard.advantages != 0) & shard.loss_mask.bool()).any()
+        return bool(self._reducer.max_(torch.tensor([float(local)], dtype=torch.float64)).item() > 0)
 
     def train_critic(
         self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
@@ -348,16 +355,25 @@ class LearnerWorker:
         accumulate: Any,
         summed: tuple[str, ...],
         prefix: str,
+        has_signal: Any = None,
     ) -> dict[str, float]:
         """One optimizer step of `engine` per mini-batch (`accumulate(shard) -> MetricSums` fills the
-        gradients); global metrics with the mean of the mini-batch losses, grad norm and lr."""
+        gradients); global metrics with the mean of the mini-batch losses, grad norm and lr.
+
+        A mini-batch without learning signal (`has_signal(shard)` False: every advantage 0, so the gradient
+        is exactly 0) steps with learning rate 0. Adam would otherwise still move every weight by its
+        momentum, and a run of zero-reward batches (sparse rewards) drifts the policy with no signal."""
         engine.train()
         total = MetricSums()
         grad_norms = []
+        frozen = 0
         for shard in minibatches:
+            freeze = has_signal is not None and not has_signal(shard)
             stats = accumulate(shard)
             pre_norm = _grad_norm(engine) if self.cfg.zero_stage == 0 else None
-            engine.step()
+            with _zero_lr(engine.optimizer) if freeze else contextlib.nullcontext():
+                engine.step()
+            frozen += freeze
             norm = engine.get_global_grad_norm()
             grad_norms.append(float(norm if norm is not None else pre_norm))
             total.merge(stats)
@@ -369,6 +385,8 @@ class LearnerWorker:
             f"{prefix}/grad_norm": sum(grad_norms) / len(grad_norms),
             f"{prefix}/lr": float(engine.get_lr()[0]),
         }
+        if has_signal is not None:
+            metrics[f"{prefix}/frozen_steps"] = float(frozen)
         return metrics
 
     def get_version(self) -> int:
@@ -527,6 +545,20 @@ def _grad_norm(engine: Any) -> float:
     """Global 2-norm of the (already all-reduced) gradients; ZeRO-0 does not record it."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+
+@contextlib.contextmanager
+def _zero_lr(optimizer: Any) -> Iterator[None]:
+    """Learning rate 0 for one step: AdamW then changes no weight (its update and decay scale with lr)."""
+    groups = optimizer.param_groups
+    saved = [g["lr"] for g in groups]
+    for g in groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(groups, saved, strict=True):
+            g["lr"] = lr
 
 
 def _export(t: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def test_critic_config_defaults_and_errors() -> None:
     with pytest.raises(ConfigError, match=r"learner.critic.lr set but learner.critic.enabled is false"):
         load_config(None, ["learner.critic.lr=1e-5"])
     # a resolved config (every field written out, nulls included) loads again
-    resolved = RunConfig(learner=LearnerConfig(critic={"enabled": True})).model_dump(mode="json")
+    critic_run = {"learner": LearnerConfig(critic={"enabled": True}), "algorithm": {"advantage": "critic"}}
+    resolved = RunConfig(**critic_run).model_dump(mode="json")
     assert RunConfig.model_validate(resolved).learner.critic.enabled
     assert RunConfig.model_validate(RunConfig().model_dump(mode="json")).learner.critic.lr is None
 
@@ -368,3 +369,18 @@ def test_group_critic_on_two_zero3_ranks_matches_one_rank(tiny_checkpoint: Path,
         assert max(float((one[part][k] - two[part][k]).abs().max()) for k in one[part]) < 1e-5, part
     for key in ("critic/loss", "critic/mse", "critic/value_mean", "critic/grad_norm", "actor/loss"):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.deepspeed
+def test_a_batch_without_signal_leaves_the_policy_unchanged(worker, ragged_batch) -> None:
+    """All advantages 0 (every group scored alike): the gradient is 0, and Adam must not move the weights
+    by its momentum from earlier steps either."""
+    batch = _train_batch(ragged_batch, _fixed_returns(ragged_batch))
+    assert worker.train_policy(batch, ALGO)["actor/frozen_steps"] == 0  # builds up Adam momentum
+    before = worker.export_weights()
+    metrics = worker.train_policy(batch.replace(advantages=torch.zeros_like(batch.advantages)), ALGO)
+    assert metrics["actor/frozen_steps"] == 1 and metrics["actor/grad_norm"] == 0.0
+    assert _equal(worker.export_weights(), before)
+    assert metrics["actor/lr"] == pytest.approx(3e-4)  # restored after the frozen step
+    worker.train_policy(batch, ALGO)
+    assert not _equal(worker.export_weights(), before)
