@@ -126,9 +126,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlstack.rewards.registry import RewardCombiner
     from rlstack.rollout.worker import RolloutWorker
 
-    config: RunConfig = load_config(
-        args.config, [f"data.task={args.task}", f"eval.num_problems={args.problems}"]
-    )
+    overrides = [f"data.task={args.task}", f"eval.num_problems={args.problems}"]
+    if args.config is None:  # the task's own verifier, e.g. puzzle for --task puzzle
+        from rlstack.data.tasks import get_task
+
+        overrides.append(f"rewards=[{{name: {get_task(args.task).reward}}}]")
+    config: RunConfig = load_config(args.config, overrides)
     rows = load_split(config.data, "heldout")[: args.problems]
     worker = RolloutWorker(args.checkpoint, config.rollout)
     try:

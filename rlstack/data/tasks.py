@@ -47,6 +47,8 @@ class TaskGenerator:
     sample: Callable[[random.Random], Problem]
     description: str
     heldout_fraction: float = 0.125
+    reward: str = "math"
+    """The registered reward that checks this task's answers (the default when no config names one)."""
 
 
 TASKS: dict[str, TaskGenerator] = {}
@@ -289,4 +291,9 @@ def _puzzle(rng: random.Random) -> Problem:
 register_task(TaskGenerator("arithmetic", _arithmetic, "2-3 digit addition and subtraction, column-wise"))
 register_task(TaskGenerator("multistep", _multistep, "expressions with 2-3 operations, e.g. (12+7)*3-5"))
 register_task(TaskGenerator("linear", _linear, "linear equations with an integer solution, e.g. 3*x+7=22"))
-register_task(TaskGenerator("puzzle", _puzzle, "make the target from 2-4 numbers with + - * and parentheses"))
+register_task(
+    TaskGenerator(
+        "puzzle", _puzzle, "make the target from 2-4 numbers with + - * and parentheses", reward="puzzle"
+    )
+)
+
