@@ -240,6 +240,10 @@ class Trainer:
     def close(self) -> None:
         import ray
 
+        if ray.is_initialized():
+            from rlstack.rewards.judges import shutdown_judges
+
+            shutdown_judges()  # close judge engines inside their actors before their owners go
         for part in ("rollout", "learner", "rewards"):
             if hasattr(self, part):
                 getattr(self, part).shutdown()

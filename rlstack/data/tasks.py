@@ -297,3 +297,40 @@ register_task(
     )
 )
 
+
+# ---- preference: which of two answers is right (training a GenRM) -------------------------------------
+
+
+def _near_miss(rng: random.Random, value: int) -> int:
+    """A plausible wrong result: off by 1, 10 or 100 (a slipped digit, a dropped or an extra carry)."""
+    while True:
+        wrong = value + rng.choice((-100, -10, -1, 1, 10, 100))
+        if wrong >= 0:
+            return wrong
+
+
+def _preference(rng: random.Random) -> Problem:
+    """An arithmetic question with its result and a near miss as answers A and B (in random order). The
+    answer is the gold label; the worked solution checks the columns, then names the right one as [[A]] or
+    [[B]]. The key is the arithmetic question alone, so a held-out question never reaches training with
+    any pair of candidates."""
+    base = _arithmetic(rng)
+    value = int(base.answer)
+    wrong = _near_miss(rng, value)
+    label = rng.choice("AB")
+    first, second = (value, wrong) if label == "A" else (wrong, value)
+    question = base.prompt.removeprefix("What is ").removesuffix("?")
+    steps = base.solution.rpartition(", so ")[0]
+    prompt = f"Which is right for {question}? A: {first} B: {second}"
+    extra = {"candidates": [first, second]}
+    return Problem(base.key, prompt, label, f"{steps}, so {value}: [[{label}]]", extra)
+
+
+register_task(
+    TaskGenerator(
+        "preference",
+        _preference,
+        "pick the right one of two answers to an arithmetic question",
+        reward="preference",
+    )
+)

@@ -2,6 +2,10 @@
 
 from rlstack.rewards.code_verify import CodeVerifier, code_reward
 from rlstack.rewards.config import RewardSpec
+from rlstack.rewards.judges.genrm import genrm_reward
+from rlstack.rewards.judges.metarm import metarm_reward
+from rlstack.rewards.judges.preference import preference_reward
+from rlstack.rewards.judges.worker import shutdown_judges
 
 # Importing the verifier modules registers the in-tree rewards (code, math, puzzle).
 from rlstack.rewards.math_verify import MathVerifier, default_verifier, math_reward
@@ -36,12 +40,16 @@ __all__ = [
     "code_reward",
     "combine",
     "default_verifier",
+    "genrm_reward",
     "get_reward",
     "list_rewards",
     "load_import_path",
     "math_reward",
+    "metarm_reward",
+    "preference_reward",
     "puzzle_reward",
     "register",
     "resolve",
     "reward_names",
+    "shutdown_judges",
 ]

@@ -48,7 +48,7 @@ class RewardWorkersConfig(StrictModel):
     """Ray CPUs reserved per worker. 0 (the default) lets workers share the cores the rollout and learner
     actors reserve: scoring runs between generation and training, not beside them."""
     chunk_size: int = Field(64, ge=1)
-    """Samples per plugin call."""
+    """Samples per plugin call: whole prompt groups are added until the next would pass this size."""
     time_limit_s: float = Field(60.0, gt=0.0)
     """Deadline of one plugin call on a chunk, and of each per-sample call when the chunk call fails."""
     max_abandoned_threads: int = Field(4, ge=0)

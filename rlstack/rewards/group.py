@@ -4,8 +4,8 @@ failures isolated to their samples, results cached.
 The driver hands a batch to `RewardGroup(prompts, completions, **columns)` and gets `CombinedRewards` back,
 exactly as from an in-process `RewardCombiner`. Inside:
 
-- samples are routed to workers by a hash of (prompt, completion), so a repeated sample meets the same
-  worker's cache, and scored in chunks of `chunk_size`, all workers at once;
+- samples are routed to workers by a hash of their prompt, so a repeated sample meets the same worker's
+  cache and a prompt's group is scored together, in chunks of about `chunk_size`, all workers at once;
 - each worker (`RewardScorer`) calls each plugin on its chunk in a thread with a deadline of
   `time_limit_s`; a plugin that raises, returns bad output or misses the deadline is called again per
   sample, all samples concurrently, each under the same deadline, so one bad sample costs only itself
@@ -272,14 +272,24 @@ class RewardGroup:
         return self._merge(n, chunks, results)
 
     def _chunks(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[tuple[int, list[int]]]:
-        """(worker index, sample indices) pairs: each sample goes to the worker its hash picks."""
+        """(worker index, sample indices) pairs. A prompt's samples stay together (a group-relative reward,
+        e.g. genrm's pairwise win rates, sees the whole group) on the worker the prompt's hash picks (so a
+        repeated sample meets that worker's cache); chunks fill up with whole groups to `chunk_size`."""
         workers = max(1, len(self._workers))
-        by_worker: list[list[int]] = [[] for _ in range(workers)]
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            digest = hashlib.blake2b(json.dumps([p, c], default=repr).encode(), digest_size=8).digest()
-            by_worker[int.from_bytes(digest) % workers].append(i)
-        size = self.config.chunk_size
-        return [(w, ids[k : k + size]) for w, ids in enumerate(by_worker) for k in range(0, len(ids), size)]
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(json.dumps(p, default=repr), []).append(i)
+        chunks: list[tuple[int, list[int]]] = []
+        open_chunk: dict[int, list[int]] = {}
+        for key, ids in groups.items():
+            w = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest()) % workers
+            current = open_chunk.get(w)
+            if current is not None and len(current) + len(ids) > self.config.chunk_size:
+                chunks.append((w, current))
+                current = None
+            open_chunk[w] = (current or []) + ids
+        chunks.extend(open_chunk.items())
+        return chunks
 
     def _score_chunks(
         self,

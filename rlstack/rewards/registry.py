@@ -45,6 +45,9 @@ _BUILTIN_MODULES = (
     "rlstack.rewards.math_verify",
     "rlstack.rewards.puzzle",
     "rlstack.rewards.code_verify",
+    "rlstack.rewards.judges.genrm",
+    "rlstack.rewards.judges.metarm",
+    "rlstack.rewards.judges.preference",
 )
 
 

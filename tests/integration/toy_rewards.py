@@ -43,4 +43,3 @@ def exits_the_process(prompts: list[str], completions: list[str], **columns: obj
     if "crash" in completions:
         os._exit(3)
     return [1.0 for _ in completions]
-

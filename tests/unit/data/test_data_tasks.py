@@ -12,7 +12,7 @@ from rlstack.data.tasks import TASKS, Problem, TaskGenerator, generate_rows, reg
 from rlstack.rewards.puzzle import check_expression
 from rlstack.rewards.registry import call_reward, get_reward
 
-TASK_NAMES = ["arithmetic", "linear", "multistep", "puzzle"]
+TASK_NAMES = ["arithmetic", "linear", "multistep", "preference", "puzzle"]
 
 
 def test_registry_lists_tasks_and_refuses_duplicates() -> None:

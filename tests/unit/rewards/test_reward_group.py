@@ -119,12 +119,15 @@ def test_group_in_process_keeps_order_across_chunks_and_combines_weights() -> No
     specs = [spec(counting, weight=2.0), spec(raises_on_boom)]
     group = RewardGroup(specs, RewardWorkersConfig(num_workers=0, chunk_size=2))
     completions = ["a", "bb", "boom", "dddd", "eeeee"]
-    out = group(["p"] * 5, completions)
+    out = group(["p", "p", "q", "r", "r"], completions)
     assert out.per_reward[specs[0].label] == [1.0, 2.0, 4.0, 4.0, 5.0]
     assert out.per_reward[specs[1].label] == [0.5, 0.5, None, 0.5, 0.5]
     assert out.total == [2.5, 4.5, 8.0, 8.5, 10.5]
     assert out.errors == {specs[0].label: 0, specs[1].label: 1}
-    assert sorted(CALLS) == [1, 2, 2]  # chunks of at most 2
+    assert sorted(CALLS) == [1, 2, 2]  # chunks of whole prompt groups, at most 2 samples unless one is larger
+    CALLS.clear()
+    group(["p"] * 3 + ["q"], ["w", "x", "y", "z"])
+    assert sorted(CALLS) == [1, 3]  # a group larger than chunk_size stays whole
 
 
 def test_group_refuses_unknown_plugins_and_mismatched_columns() -> None:

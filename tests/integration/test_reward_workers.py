@@ -39,9 +39,10 @@ def test_samples_are_routed_to_the_same_worker_so_the_cache_hits(ray_local) -> N
     )
     try:
         completions = [f"a{i}b" for i in range(10)]
-        first = group(["p"] * 10, completions)
+        prompts = [f"p{i % 5}" for i in range(10)]
+        first = group(prompts, completions)
         assert first.total == [pytest.approx(1 / 3)] * 10 and first.cache_hits == 0
-        second = group(["p"] * 12, [*reversed(completions), "xx", "7"])
+        second = group([*reversed(prompts), "p0", "p1"], [*reversed(completions), "xx", "7"])
         assert second.cache_hits == 10
         assert second.total == [pytest.approx(1 / 3)] * 10 + [0.0, 1.0]
     finally:
