@@ -35,11 +35,21 @@ class RolloutConfig(StrictModel):
     """Explicit KV-cache size per engine, in MiB (never a fraction of the machine's memory)."""
     max_num_seqs: int = Field(256, ge=1)
     """Sequences the engine batches at once."""
+    engine: Literal["sync", "async"] = "sync"
+    """'sync': `vllm.LLM`, one generate call at a time per actor. 'async': vLLM's AsyncLLM in an async actor,
+    so batches submitted while others run are generated concurrently (its engine core always runs in a
+    process of its own; `multiprocessing` then moves the model into a third process)."""
     multiprocessing: bool = False
     """Run vLLM's engine core in its own process (vLLM's default) instead of inside the actor."""
     enforce_eager: bool = True
     """Skip torch.compile in vLLM (faster to start and, for tiny models on CPU, faster to run)."""
     threads_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND for the engine: 'nobind', or a core list like '0' to pin it."""
-    weight_sync: Literal["object_store"] = "object_store"
-    """How new weights reach the engines: Ray's object store (CPU and multi-node)."""
+    weight_sync: Literal["object_store", "nccl"] = "object_store"
+    """How new weights reach the engines: 'object_store' (Ray's object store; CPU and multi-node) or 'nccl'
+    (broadcast from the learner's rank 0 over NCCL; needs GPUs)."""
+    bucket_mb: float = Field(64.0, gt=0)
+    """Weights move in buckets of at most this many MiB, loaded one after another (a single fused unit,
+    such as one layer's experts, that is larger travels alone)."""
+    changed_only: bool = True
+    """Skip the tensors whose content did not change since the last push (compared by digest)."""

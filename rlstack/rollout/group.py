@@ -1,8 +1,9 @@
-"""`RolloutGroup`: N `RolloutWorker` Ray actors behind one generate / update_weights interface.
+"""`RolloutGroup`: N rollout workers (Ray actors) behind one submit / collect / update_weights interface.
 
-`submit` returns immediately (Ray futures), so the driver can keep generation running while the
-learner trains (async mode); `collect` waits. Weights are serialised once, put in Ray's object store
-once, and every engine loads the same object.
+`submit` returns immediately (Ray futures), so the driver can keep generation running while the learner
+trains (async mode); `collect` waits. With `engine: async` the workers are `AsyncRolloutWorker`s, which
+generate several submitted batches concurrently. New weights go through `weight_sync`
+(rollout.sync: bucketed, changed-only; object store or NCCL) and every engine loads the same buckets.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import ray
 
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
-from rlstack.rollout.weight_sync import serialize_state_dict
+from rlstack.rollout.sync import WeightSyncBackend, checkpoint_tensors, make_backend
 from rlstack.rollout.worker import Prompt, RolloutWorker
 from rlstack.types import Rollout
 
@@ -32,11 +33,31 @@ class PendingRollouts:
 
 class RolloutGroup:
     def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
-        actor = ray.remote(num_cpus=config.cpus_per_worker)(RolloutWorker)
+        if config.weight_sync == "nccl" and not ray.cluster_resources().get("GPU", 0):
+            raise RuntimeError(
+                "rollout.weight_sync='nccl' needs GPUs, and this Ray cluster has none: vLLM-CPU engines "
+                "cannot receive NCCL broadcasts. Use rollout.weight_sync='object_store' on CPU."
+            )
+        if config.engine == "async":
+            from rlstack.rollout.async_worker import AsyncRolloutWorker
+
+            actor = ray.remote(num_cpus=config.cpus_per_worker)(AsyncRolloutWorker)
+        else:
+            actor = ray.remote(num_cpus=config.cpus_per_worker)(RolloutWorker)
         self.config = config
         self.workers = [actor.remote(str(model_path), config, version) for _ in range(config.num_workers)]
         ray.get([w.get_version.remote() for w in self.workers])  # surface start-up errors here
         self.version = version
+        self.weight_sync: WeightSyncBackend = make_backend(
+            config.weight_sync,
+            self.workers,
+            config.bucket_mb,
+            config.changed_only,
+            # validate pushes against the checkpoint when the driver can read it (not a hub id)
+            known=checkpoint_tensors(model_path) if Path(model_path).is_dir() else None,
+        )
+        """How `update_weights` pushes. With 'nccl' the push must run in the learner's rank-0 GPU process:
+        pass this (picklable) object there and call its `push(state_dict, version)`."""
 
     def submit(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> PendingRollouts:
         """Spread prompts over the workers in contiguous chunks (keeps each prompt's group together)."""
@@ -53,16 +74,20 @@ class RolloutGroup:
         return self.collect(self.submit(prompts, sampling))
 
     def update_weights(self, state_dict: dict, version: int) -> dict[str, float]:
-        """Push a state dict (HF/vLLM names) to every engine in place; returns bytes and seconds."""
+        """Push a state dict (HF/vLLM names) to every engine in place; returns the sync metrics
+        (`sync/bytes`, `sync/bytes_skipped`, `sync/buckets`, `sync/seconds`, ...)."""
         start = time.perf_counter()
-        payload_ref = ray.put(serialize_state_dict(state_dict))
-        per_worker = ray.get([w.update_weights.remote(payload_ref, version) for w in self.workers])
+        stats = self.weight_sync.push(state_dict, version)
         self.version = version
-        stats = dict(per_worker[0])
         stats["sync/total_seconds"] = time.perf_counter() - start
         return stats
 
     def shutdown(self) -> None:
+        """Close the engines (inside their actors, so nothing leaks), then kill the actors. Idempotent."""
+        if not self.workers:
+            return
+        if getattr(self, "weight_sync", None) is not None:
+            self.weight_sync.close()
         ray.get([w.shutdown.remote() for w in self.workers])
         for w in self.workers:
             ray.kill(w)

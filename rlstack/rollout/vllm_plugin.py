@@ -8,7 +8,11 @@ made only in the parent would not reach them). On CPU it:
 - routes Step3p5's sigmoid router through vLLM's grouped top-k path with one group: the plain CPU
   router asserts `scoring_func == "softmax"` (vllm/.../router/cpu_router.py), while the grouped path
   implements sigmoid + selection bias, which with `num_expert_group = topk_group = 1` is exactly
-  Step 3.5's routing.
+  Step 3.5's routing;
+- keeps torch inductor's precompiled C++ headers (~150 MB each, built on an engine's first generate) in
+  `TORCHINDUCTOR_CACHE_DIR` when that is set: torch puts them in the temp dir on purpose
+  (torch/_inductor/codecache.py `_HEADER_DIR`), so in-process engines left them in /tmp and engines
+  with a private temp dir (every spawned engine core) rebuilt them at each start.
 
 The function must be idempotent: vLLM may call it more than once per process.
 """
@@ -16,6 +20,7 @@ The function must be idempotent: vLLM may call it more than once per process.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 _PATCHED_ATTR = "_rlstack_cpu_sigmoid_router"
@@ -31,6 +36,18 @@ def register() -> None:
     if not current_platform.is_cpu():
         return
     patch_step3p5_cpu_router()
+    keep_precompiled_headers_in_cache()
+
+
+def keep_precompiled_headers_in_cache() -> None:
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache:
+        return
+    from torch._inductor import codecache
+
+    if hasattr(codecache, "_HEADER_DIR") and hasattr(codecache, "_HEADER_LOCK_DIR"):
+        codecache._HEADER_DIR = os.path.join(cache, "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
 
 
 def patch_step3p5_cpu_router() -> None:

@@ -1,23 +1,34 @@
-"""Moving new policy weights from the learner into running vLLM engines, in place (no restart).
+"""The engine side of weight sync: new policy weights loaded into a running vLLM engine, in place.
 
-The sending side serialises a state dict (HF/vLLM checkpoint names) to safetensors bytes once; each
-engine receives them through `collective_rpc` into `WorkerExtension.rlstack_update_weights`, which runs
-inside vLLM's worker (in-process or spawned) and calls vLLM's own `reload_weights`.
+`WorkerExtension` is mixed into vLLM's worker (`LLM(worker_extension_cls=...)`) and called through
+`collective_rpc`, so it runs wherever the model lives (in-process, or a spawned engine core). An update is
+begin → any number of buckets → finish, using vLLM's own layerwise-reload lifecycle
+(`initialize_layerwise_reload`, the model's `load_weights`, `finalize_layerwise_reload`): a module is
+rebuilt as soon as all its tensors arrived, modules that received nothing keep their current tensors
+(changed-only pushes), and the model is never whole between begin and finish — callers keep generation
+off in between. Buckets arrive as safetensors bytes (object store) or through a private process group
+(broadcast; see rollout.sync.broadcast). The senders live in rollout.sync.
 
-vLLM-CPU blocker 2: after `reload_weights` the CPU MoE kernel's prepacked expert layout is *not* rebuilt
-(`UnquantizedFusedMoEMethod._setup_kernel` only prepacks on the first call), so routed experts silently
-compute garbage. `_reprepack_cpu_moe` re-runs the CPU experts' own `process_weights_after_loading`,
-which makes every parameter bit-identical to a fresh load (tested).
+vLLM-CPU blocker 2: the reload does not rebuild the CPU MoE kernel's prepacked expert layout
+(`UnquantizedFusedMoEMethod._setup_kernel` only prepacks on the first call), so the routed experts of a
+reloaded MoE layer silently compute garbage. `finish` re-runs the CPU experts' own
+`process_weights_after_loading` once, after all buckets, on exactly the MoE layers this update reloaded
+(found by marking them as vLLM processes them): re-prepacking a layer that was skipped would pack it twice.
+Every parameter then equals a fresh load bit for bit (tested, with several buckets and with skipped units).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+_RELOADED = "_rlstack_reloaded"
 
 
 @dataclass
@@ -36,30 +47,156 @@ def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
 
 
 class WorkerExtension:
-    """Mixed into vLLM's worker class via `LLM(worker_extension_cls=...)`; call through `collective_rpc`."""
+    """Mixed into vLLM's worker class; every method is called through `collective_rpc`."""
+
+    def rlstack_begin_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        model = self._rlstack_model()
+        _mark_reloaded_moe_layers(model)
+        initialize_layerwise_reload(model)
+
+    def rlstack_load_bucket(self, payload: bytes) -> int:
+        """Load one bucket of checkpoint-named tensors (safetensors bytes); between begin and finish."""
+        return self._rlstack_load(load_safetensors(payload).items())
+
+    def rlstack_finish_update(self) -> int:
+        """Rebuild what is left, restore modules that got nothing, re-prepack reloaded CPU MoE layers."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        model = self._rlstack_model()
+        # Modules a changed-only push skipped log "Failed to load weights" here, then keep their tensors.
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise.level
+        layerwise.setLevel(logging.ERROR)
+        try:
+            with self._rlstack_config():
+                finalize_layerwise_reload(model, self.model_config)  # type: ignore[attr-defined]
+        finally:
+            layerwise.setLevel(level)
+        repacked = _reprepack_cpu_moe(model)
+        runner = self.model_runner  # type: ignore[attr-defined]
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+        return repacked
 
     def rlstack_update_weights(self, payload: bytes) -> int:
-        weights = load_safetensors(payload)
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))  # type: ignore[attr-defined]
-        _reprepack_cpu_moe(self.model_runner.get_model())  # type: ignore[attr-defined]
-        return len(weights)
+        """All in one call: begin, one bucket, finish."""
+        self.rlstack_begin_update()
+        try:
+            return self.rlstack_load_bucket(payload)
+        finally:
+            self.rlstack_finish_update()
 
     def rlstack_parameters(self) -> bytes:
-        """The live parameters in the engine's kernel layout (to check bit-identity with a fresh load)."""
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        return save_safetensors({k: v.detach().contiguous().clone() for k, v in model.named_parameters()})
+        """The live parameters in the engine's kernel layout (to check bit-identity with a fresh load).
+
+        vLLM-CPU moves each linear layer's weight into a packed oneDNN / sgl-kernel handle and leaves an
+        empty `weight` parameter behind; those weights are read back through the layer's own kernel
+        (`cpu_linear(I) = W^T`, exact in fp32), so a stale packed handle cannot hide.
+        """
+        model = self._rlstack_model()
+        out = {k: v.detach().contiguous().clone() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                weight = getattr(module, "weight", None)
+                if not hasattr(module, "cpu_linear") or weight is None or weight.numel():
+                    continue
+                size = getattr(module, "input_size_per_partition", None) or module.input_size
+                eye = torch.eye(size, dtype=weight.dtype, device=weight.device)
+                out[f"{name}.weight"] = module.cpu_linear(eye, weight, None).t().contiguous()
+        return save_safetensors(out)
+
+    # --- broadcast backend -------------------------------------------------------------------------
+    def rlstack_join_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
+    ) -> int:
+        """Join the sender's private process group as rank `rank_offset + this worker's rank`."""
+        from rlstack.rollout.sync.broadcast import join_group
+
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        self._rlstack_group = join_group(host, port, rank, world_size, transport, timeout_s)
+        self._rlstack_transport = transport
+        return rank
+
+    def rlstack_receive_bucket(self, wire_bucket: list[list]) -> int:
+        """Receive one packed bucket from rank 0 and load it (between begin and finish)."""
+        from rlstack.rollout.sync.broadcast import broadcast, bucket_from_wire, transport_device, unpack
+
+        group = getattr(self, "_rlstack_group", None)
+        if group is None:
+            raise RuntimeError("rlstack_receive_bucket before rlstack_join_group")
+        bucket = bucket_from_wire(wire_bucket)
+        device = transport_device(self._rlstack_transport)
+        buffer = torch.empty(bucket.packed_nbytes, dtype=torch.uint8, device=device)
+        broadcast(group, buffer)
+        return self._rlstack_load(unpack(buffer, bucket))
+
+    def rlstack_leave_group(self) -> None:
+        group = getattr(self, "_rlstack_group", None)
+        self._rlstack_group = None
+        if group is not None and hasattr(group, "shutdown"):
+            group.shutdown()
+
+    def rlstack_world_rank(self) -> int:
+        return int(getattr(self, "rank", 0))
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _rlstack_model(self) -> torch.nn.Module:
+        return self.model_runner.get_model()  # type: ignore[attr-defined]
+
+    def _rlstack_config(self) -> Any:
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)  # type: ignore[attr-defined]
+
+    def _rlstack_load(self, weights: Any) -> int:
+        weights = list(weights)
+        with self._rlstack_config(), torch.no_grad():
+            self._rlstack_model().load_weights(iter(weights))  # type: ignore[operator]
+        return len(weights)
 
 
-def _reprepack_cpu_moe(model: torch.nn.Module) -> None:
+def _cpu_moe_experts(module: torch.nn.Module) -> Any:
+    """The CPU fused-experts object whose prepack a reload skips, or None for any other module."""
+    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    experts = getattr(getattr(kernel, "impl", None), "fused_experts", None)
+    if experts is not None and hasattr(experts, "isa") and hasattr(module, "w13_weight"):
+        return experts
+    return None
+
+
+def _mark_reloaded_moe_layers(model: torch.nn.Module) -> None:
+    """Wrap each CPU MoE layer's `process_weights_after_loading` (vLLM calls it on exactly the layers it
+    reloads) so that it also marks the layer for re-prepacking. Idempotent."""
     for module in model.modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        experts = getattr(getattr(kernel, "impl", None), "fused_experts", None)
-        if experts is not None and hasattr(experts, "isa") and hasattr(module, "w13_weight"):
+        method = getattr(module, "quant_method", None)
+        if _cpu_moe_experts(module) is None or getattr(method, "_rlstack_marks", False):
+            continue
+        original = method.process_weights_after_loading
+
+        def process_and_mark(layer: torch.nn.Module, _original: Any = original) -> None:
+            _original(layer)
+            setattr(layer, _RELOADED, True)
+
+        method.process_weights_after_loading = process_and_mark
+        method._rlstack_marks = True
+
+
+def _reprepack_cpu_moe(model: torch.nn.Module) -> int:
+    repacked = 0
+    for module in model.modules():
+        experts = _cpu_moe_experts(module)
+        if experts is not None and getattr(module, _RELOADED, False):
             experts.process_weights_after_loading(module)
+            setattr(module, _RELOADED, False)
+            repacked += 1
+    return repacked
 
 
-def push_weights(llm: object, payload: bytes) -> SyncStats:
-    """Load serialised weights into a live `vllm.LLM` (all its workers) and time it."""
+def push_weights(llm: Any, payload: bytes) -> SyncStats:
+    """Load serialised weights into a live `vllm.LLM` (all its workers) in one call, and time it."""
     start = time.perf_counter()
-    llm.collective_rpc("rlstack_update_weights", args=(payload,))  # type: ignore[attr-defined]
+    llm.collective_rpc("rlstack_update_weights", args=(payload,))
     return SyncStats(bytes=len(payload), seconds=time.perf_counter() - start)

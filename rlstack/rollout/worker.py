@@ -2,7 +2,9 @@
 
 Token in, token out: prompts arrive as token ids (or text the worker tokenises once), responses leave as
 token ids with the sampled tokens' log-probs and the weights version that produced them; nothing is
-re-tokenised downstream. `update_weights` swaps weights into the running engine (no restart).
+re-tokenised downstream. New weights go into the running engine in place (no restart), in buckets
+(begin_update / load_bucket or receive_bucket / finish_update, driven by rollout.sync), or in one call
+(`update_weights`). `engine: async` uses rollout.async_worker.AsyncRolloutWorker instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
@@ -28,67 +31,37 @@ class Prompt:
     columns: dict[str, object] = field(default_factory=dict)
 
 
+def engine_settings(config: RolloutConfig) -> EngineSettings:
+    return EngineSettings(
+        max_model_len=config.max_model_len,
+        kv_cache_mb=config.kv_cache_mb,
+        max_num_seqs=config.max_num_seqs,
+        seed=config.sampling.seed,
+        multiprocessing=config.multiprocessing,
+        enforce_eager=config.enforce_eager,
+        threads_bind=config.threads_bind,
+    )
+
+
 class RolloutWorker:
     """Plain class; `RolloutGroup` runs it as a Ray actor (`ray.remote(RolloutWorker)`)."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
-        settings = EngineSettings(
-            max_model_len=config.max_model_len,
-            kv_cache_mb=config.kv_cache_mb,
-            max_num_seqs=config.max_num_seqs,
-            seed=config.sampling.seed,
-            multiprocessing=config.multiprocessing,
-            enforce_eager=config.enforce_eager,
-            threads_bind=config.threads_bind,
-        )
         self.config = config
-        self.llm = make_llm(model_path, settings)
+        self.llm = make_llm(model_path, engine_settings(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.version = version
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> list[Rollout]:
         """`sampling.n` rollouts per prompt, grouped by prompt in input order."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         sampling = sampling or self.config.sampling
-        inputs = [TokensPrompt(prompt_token_ids=self._prompt_ids(p)) for p in prompts]
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                logprobs=0,  # exactly the sampled token's log-prob
-                seed=sampling.seed + i,
-            )
-            for i in range(len(prompts))
-        ]
+        inputs = [token_prompt(self._prompt_ids(p)) for p in prompts]
+        params = [sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        rollouts = []
-        for prompt, out in zip(prompts, outputs, strict=True):
-            for completion in out.outputs:
-                ids = list(completion.token_ids)
-                logprobs = [
-                    step[token].logprob for token, step in zip(ids, completion.logprobs or [], strict=True)
-                ]
-                rollouts.append(
-                    Rollout(
-                        prompt_id=prompt.prompt_id,
-                        prompt_ids=list(out.prompt_token_ids),
-                        response_ids=ids,
-                        response_logprobs=logprobs,
-                        finish_reason=_finish_reason(completion.finish_reason),
-                        version=self.version,
-                        prompt_text=prompt.text,
-                        response_text=completion.text,
-                        columns=dict(prompt.columns),
-                    )
-                )
-        return rollouts
+        return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, self.version)]
 
     def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
-        """Load serialised weights in place (see rollout.weight_sync) and take on `version`."""
+        """Load one safetensors payload in place in a single call and take on `version`."""
         stats = push_weights(self.llm, payload)
         self.version = version
         return {
@@ -96,6 +69,38 @@ class RolloutWorker:
             "sync/seconds": stats.seconds,
             "sync/mb_per_s": stats.mb_per_s,
         }
+
+    # Bucketed updates (rollout.sync): begin, buckets (load_bucket or receive_bucket), finish.
+    def begin_update(self) -> None:
+        self.llm.collective_rpc("rlstack_begin_update")
+
+    def load_bucket(self, payload: bytes) -> int:
+        return self.llm.collective_rpc("rlstack_load_bucket", args=(payload,))[0]
+
+    def receive_bucket(self, wire_bucket: list[list]) -> int:
+        return self.llm.collective_rpc("rlstack_receive_bucket", args=(wire_bucket,))[0]
+
+    def finish_update(self, version: int | None) -> int:
+        """End the update (MoE layers re-prepacked: returned); `version=None` keeps the old version."""
+        repacked = self.llm.collective_rpc("rlstack_finish_update")[0]
+        if version is not None:
+            self.version = version
+        return repacked
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
+    def engine_world_size(self) -> int:
+        return len(self.llm.collective_rpc("rlstack_world_rank"))
+
+    def join_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
+    ) -> list[int]:
+        args = (host, port, rank_offset, world_size, transport, timeout_s)
+        return self.llm.collective_rpc("rlstack_join_group", args=args)
+
+    def leave_group(self) -> None:
+        self.llm.collective_rpc("rlstack_leave_group")
 
     def get_version(self) -> int:
         return self.version
@@ -114,11 +119,57 @@ class RolloutWorker:
             self.llm = None
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if prompt.token_ids is not None:
-            return list(prompt.token_ids)
-        if not prompt.text:
-            raise ValueError(f"prompt {prompt.prompt_id!r} has neither text nor token_ids")
-        return self.tokenizer.encode(prompt.text, add_special_tokens=False)
+        return prompt_ids(prompt, self.tokenizer)
+
+
+def token_prompt(ids: list[int]) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=ids)
+
+
+def sampling_params(sampling: SamplingConfig, index: int) -> Any:
+    """vLLM sampling parameters of request `index` of a call: seeded with `sampling.seed + index`."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        logprobs=0,  # exactly the sampled token's log-prob
+        seed=sampling.seed + index,
+    )
+
+
+def to_rollouts(prompt: Prompt, out: Any, version: int) -> list[Rollout]:
+    """A vLLM `RequestOutput` → one `Rollout` per completion."""
+    rollouts = []
+    for completion in out.outputs:
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs or [], strict=True)]
+        rollouts.append(
+            Rollout(
+                prompt_id=prompt.prompt_id,
+                prompt_ids=list(out.prompt_token_ids),
+                response_ids=ids,
+                response_logprobs=logprobs,
+                finish_reason=_finish_reason(completion.finish_reason),
+                version=version,
+                prompt_text=prompt.text,
+                response_text=completion.text,
+                columns=dict(prompt.columns),
+            )
+        )
+    return rollouts
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Any) -> list[int]:
+    if prompt.token_ids is not None:
+        return list(prompt.token_ids)
+    if not prompt.text:
+        raise ValueError(f"prompt {prompt.prompt_id!r} has neither text nor token_ids")
+    return tokenizer.encode(prompt.text, add_special_tokens=False)
 
 
 def _finish_reason(reason: str | None) -> str:

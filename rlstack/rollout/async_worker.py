@@ -1,0 +1,136 @@
+"""`AsyncRolloutWorker`: vLLM's AsyncLLM (vllm.v1.engine.async_llm) in a Ray async actor (`engine: async`).
+
+Every `generate` call is a coroutine, so Ray runs calls concurrently: the requests of batch N+1 enter
+the engine while batch N is still decoding (continuous batching across calls), and each call returns as
+soon as its own requests finish. Requests are seeded exactly as in `RolloutWorker` (request i of a call
+with `sampling.seed + i`), so both engines sample the same tokens for the same call (tested).
+
+Weight updates keep every rollout on one weights version: `begin_update` stops new calls from starting,
+waits for the running ones to finish on the old weights, then loads (the engine is idle while buckets
+arrive); `finish_update` sets the new version and lets the waiting calls in. The engine side is the same
+`WorkerExtension` as the sync engine (layerwise reload + the CPU MoE re-prepack of blocker 2), reached
+with AsyncLLM's own `collective_rpc`. AsyncLLM always runs its engine core in a separate process, so
+payloads cross as bytes (tensors cannot), and `shutdown` must stop that process before Ray kills the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rlstack.rollout.config import RolloutConfig, SamplingConfig
+from rlstack.rollout.engine import close_llm, make_async_llm
+from rlstack.rollout.worker import (
+    Prompt,
+    engine_settings,
+    prompt_ids,
+    sampling_params,
+    to_rollouts,
+    token_prompt,
+)
+from rlstack.types import Rollout
+
+
+class AsyncRolloutWorker:
+    """Plain class with async methods; `RolloutGroup` runs it as a Ray (async) actor."""
+
+    def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
+        self.config = config
+        self.llm: Any = make_async_llm(model_path, engine_settings(config))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = version
+        self._calls = itertools.count()
+        self._running = 0
+        self._updating = False
+        self._state = asyncio.Condition()
+
+    async def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> list[Rollout]:
+        """`sampling.n` rollouts per prompt, grouped by prompt in input order."""
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = sampling or self.config.sampling
+        inputs = [token_prompt(prompt_ids(p, self.tokenizer)) for p in prompts]
+        async with self._state:
+            await self._state.wait_for(lambda: not self._updating)
+            self._running += 1
+            version = self.version
+        try:
+            call = next(self._calls)
+            requests = []
+            for i, prompt in enumerate(inputs):
+                params = sampling_params(sampling, i)
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                requests.append(self._final_output(prompt, params, f"rlstack-{os.getpid()}-{call}-{i}"))
+            outputs = await asyncio.gather(*requests)
+        finally:
+            async with self._state:
+                self._running -= 1
+                self._state.notify_all()
+        return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, version)]
+
+    async def _final_output(self, prompt: Any, params: Any, request_id: str) -> Any:
+        final = None
+        async for output in self.llm.generate(prompt, params, request_id):
+            final = output
+        if final is None or not final.finished:
+            raise RuntimeError(f"vLLM request {request_id} ended without a final output")
+        return final
+
+    # Bucketed weight updates (rollout.sync): begin, buckets, finish. See the module docstring.
+    async def begin_update(self) -> None:
+        async with self._state:
+            self._updating = True
+            await self._state.wait_for(lambda: self._running == 0)
+        await self.llm.collective_rpc("rlstack_begin_update")
+
+    async def load_bucket(self, payload: bytes) -> int:
+        return (await self.llm.collective_rpc("rlstack_load_bucket", args=(payload,)))[0]
+
+    async def receive_bucket(self, wire_bucket: list[list]) -> int:
+        return (await self.llm.collective_rpc("rlstack_receive_bucket", args=(wire_bucket,)))[0]
+
+    async def finish_update(self, version: int | None) -> int:
+        try:
+            return (await self.llm.collective_rpc("rlstack_finish_update"))[0]
+        finally:
+            async with self._state:
+                if version is not None:
+                    self.version = version
+                self._updating = False
+                self._state.notify_all()
+
+    async def set_version(self, version: int) -> None:
+        async with self._state:
+            self.version = version
+
+    async def engine_world_size(self) -> int:
+        return len(await self.llm.collective_rpc("rlstack_world_rank"))
+
+    async def join_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
+    ) -> list[int]:
+        args = (host, port, rank_offset, world_size, transport, timeout_s)
+        return await self.llm.collective_rpc("rlstack_join_group", args=args)
+
+    async def leave_group(self) -> None:
+        await self.llm.collective_rpc("rlstack_leave_group")
+
+    async def get_version(self) -> int:
+        return self.version
+
+    async def parameters_bytes(self) -> bytes:
+        """The engine's live parameters (safetensors bytes), for checks against a fresh engine."""
+        return (await self.llm.collective_rpc("rlstack_parameters"))[0]
+
+    async def info(self) -> dict[str, object]:
+        return {"pid": os.getpid(), "version": self.version, "time": time.time()}
+
+    async def shutdown(self) -> None:
+        """Stop the engine core process (and free its /dev/shm) before Ray kills the actor."""
+        if getattr(self, "llm", None) is not None:
+            close_llm(self.llm)
+            self.llm = None
