@@ -73,7 +73,15 @@ def small() -> Step3p5Config:
     )  # fmt: skip
 
 
-BUILDERS = {"tiny": tiny, "small": small}
+def medium() -> Step3p5Config:
+    """About 30M parameters (8 experts top-2: about 14M active per token): the vs-TRL benchmark."""
+    return step3p5_config(
+        hidden_size=384, num_layers=8, full_heads=6, sliding_heads=8, kv_heads=2, head_dim=64,
+        num_experts=8, top_k=2, expert_dim=320, shared_dim=512, dense_dim=1024, sliding_window=128,
+    )  # fmt: skip
+
+
+BUILDERS = {"tiny": tiny, "medium": medium, "small": small}
 
 
 def init_checkpoint(config: Step3p5Config, path: str | Path, seed: int = 0) -> Path:
