@@ -112,6 +112,11 @@ class RunConfig(StrictModel):
     def _check(self) -> RunConfig:
         if self.algorithm.advantage == "group" and self.rollout.sampling.n < 2:
             raise ValueError("algorithm.advantage 'group' needs rollout.sampling.n >= 2 responses per prompt")
+        if self.rollout.weight_sync == "nccl":
+            raise ValueError(
+                "rollout.weight_sync 'nccl' is not wired into the trainer yet (the broadcast must start in "
+                "the learner's rank-0 GPU process); use 'object_store', which works on CPU and GPU"
+            )
         critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
         if critic_advantage != critic_on:
             raise ValueError(

@@ -88,3 +88,8 @@ def test_critic_advantage_and_critic_learner_must_agree() -> None:
         load_config(None, ["learner.critic.enabled=true"])
     cfg = load_config(None, ["algorithm.advantage=critic", "learner.critic.enabled=true"])
     assert cfg.learner.critic.enabled
+
+
+def test_nccl_weight_sync_is_refused_by_the_trainer_config() -> None:
+    with pytest.raises(ConfigError, match="not wired into the trainer"):
+        load_config(None, ["rollout.weight_sync=nccl"])
