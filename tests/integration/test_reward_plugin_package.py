@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.ray]
 
 
 def build_and_install(tmp_path: Path) -> Path:
-    src = tmp_path / "acme-rewards"
-    (src / "acme_rewards").mkdir(parents=True)
-    (src / "acme_rewards" / "__init__.py").write_text(
+    src = tmp_path / "acme-polite-rewards"
+    (src / "acme_polite_rewards").mkdir(parents=True)
+    (src / "acme_polite_rewards" / "__init__.py").write_text(
         textwrap.dedent(
             """
             def politeness(prompts, completions, bonus=1.0, **kwargs):
@@ -35,18 +35,18 @@ def build_and_install(tmp_path: Path) -> Path:
             build-backend = "setuptools.build_meta"
 
             [project]
-            name = "acme-rewards"
+            name = "acme-polite-rewards"
             version = "0.1.0"
 
             [project.entry-points."rlstack.rewards"]
-            politeness = "acme_rewards:politeness"
+            politeness = "acme_polite_rewards:politeness"
             """
         )
     )
     target = tmp_path / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
     subprocess.run([*cmd, "--target", str(target), str(src)], check=True, capture_output=True)
-    assert (target / "acme_rewards-0.1.0.dist-info" / "entry_points.txt").exists()
+    assert (target / "acme_polite_rewards-0.1.0.dist-info" / "entry_points.txt").exists()
     return target
 
 
@@ -81,5 +81,6 @@ def test_installed_entry_point_plugin_is_used_by_name_from_yaml(tmp_path: Path) 
     finally:
         ray.shutdown()
         sys.path.remove(str(site))
+        sys.modules.pop("acme_polite_rewards", None)
     assert out.per_reward["politeness"] == [0.5, 0.0]
     assert out.total == [1.0, 0.0]
