@@ -487,7 +487,7 @@ def print_goals(figures: dict[str, dict[str, float]]) -> None:
         ratio = f["async_vs_overlap"]
         rows.append((f"{size_name}: async step / max(sync gen, sync rest)", ratio, "<= 1.15", ratio <= 1.15))
     for label, value, target, ok in rows:
-        print(f"{label:<48}{value:>9.2f}  {target:<8}{'met' if ok else 'NOT met'}")
+        print(f"{label:<48}{value:>9.3f}  {target:<8}{'met' if ok else 'NOT met'}")
 
 
 def main() -> None:
