@@ -112,10 +112,10 @@ class RunConfig(StrictModel):
     def _check(self) -> RunConfig:
         if self.algorithm.advantage == "group" and self.rollout.sampling.n < 2:
             raise ValueError("algorithm.advantage 'group' needs rollout.sampling.n >= 2 responses per prompt")
-        if self.rollout.weight_sync == "nccl":
+        if self.rollout.weight_sync == "nccl" and self.learner.backend == "gloo":
             raise ValueError(
-                "rollout.weight_sync 'nccl' is not wired into the trainer yet (the broadcast must start in "
-                "the learner's rank-0 GPU process); use 'object_store', which works on CPU and GPU"
+                "rollout.weight_sync 'nccl' broadcasts from the learner's rank-0 GPU, but learner.backend "
+                "is 'gloo' (CPU); set learner.backend 'nccl' or 'auto', or weight_sync 'gloo'/'object_store'"
             )
         critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
         if critic_advantage != critic_on:

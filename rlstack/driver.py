@@ -70,6 +70,8 @@ class Trainer:
         else:
             truncate_metrics(self.run_dir, self.step_index)
         self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
+        if cfg.rollout.weight_sync != "object_store":  # broadcast: rank 0 pushes into the engines
+            self.learner.attach_weight_sync(self.rollout.weight_sync)
         self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ class Trainer:
             batch = batch.replace(advantages=advantages, returns=returns)
             train_metrics = self.learner.train_step(batch, self.cfg.algorithm)
         with timer("sync"):
-            sync_metrics = self.rollout.update_weights(self.learner.export_weights(), self.learner.version)
+            sync_metrics = self._sync_weights()
         self.step_index += 1
         metrics = {**reward_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
@@ -188,6 +190,18 @@ class Trainer:
             for i in range(len(rollouts))
         ]
         return metrics, info
+
+    def _sync_weights(self) -> dict[str, float]:
+        """New weights into the engines: learner → driver → object store (`object_store`), or broadcast by
+        the learner's rank 0 straight into the engines (`gloo` / `nccl`)."""
+        version = self.learner.version
+        if self.cfg.rollout.weight_sync == "object_store":
+            return self.rollout.update_weights(self.learner.export_weights(), version)
+        start = time.perf_counter()
+        stats = self.learner.push_weights(version)
+        self.rollout.version = version
+        stats["sync/total_seconds"] = time.perf_counter() - start
+        return stats
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy with the current rollout weights: greedy, and sampled (eval.samples each)."""

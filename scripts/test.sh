@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The test command (README, `make test`, CI): lint, then every test not marked slow.
+# The test command (README, `make test`, CI): lint, then every test not marked slow or gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 .venv/bin/ruff check .
 # pytest exits 5 when it collects nothing; set -e turns that into a failure too.
-.venv/bin/python -m pytest -m "not slow" "$@"
+.venv/bin/python -m pytest -m "not slow and not gpu" "$@"

@@ -7,6 +7,7 @@ concatenated back in order); metrics come back global. Needs `ray.init(...)` don
     batch = collate(rollouts, pad_id).replace(...)           # advantages, optionally old_logp / filter
     metrics = group.train_step(batch, algo_cfg)              # n_minibatches optimizer steps
     weights = group.export_weights()                         # {vLLM name: fp32 tensor}
+    group.attach_weight_sync(rollout.weight_sync); group.push_weights(group.version)  # broadcast sync
     group.save_checkpoint(run_dir / "checkpoints/step_1"); group.shutdown()
 
 With `learner.critic.enabled` (`algorithm.advantage: critic`): `values = group.compute_values(batch)`,
@@ -174,6 +175,20 @@ class LearnerGroup:
         if self.cfg.zero_stage == 3:  # the gather is collective
             return ray.get([a.export_weights.remote() for a in self.actors])[0]
         return ray.get(self.actors[0].export_weights.remote())
+
+    def attach_weight_sync(self, backend: Any) -> None:
+        """Hand a broadcast weight-sync backend (`RolloutGroup.weight_sync` with `rollout.weight_sync`
+        'nccl' or 'gloo') to rank 0, which then pushes straight into the engines (`push_weights`)."""
+        import ray
+
+        ray.get([a.attach_weight_sync.remote(backend) for a in self.actors])
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Rank 0 pushes the policy's weights into the engines through the attached backend (collective:
+        every rank joins the ZeRO-3 gather); returns its sync metrics (`sync/bytes`, `sync/seconds`, ...)."""
+        import ray
+
+        return ray.get([a.push_weights.remote(version) for a in self.actors])[0]
 
     def critic_weights(self) -> dict[str, torch.Tensor]:
         """The critic's full fp32 state dict (`model.*` trunk, `value_head.*`); needs the critic."""

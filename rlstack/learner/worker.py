@@ -450,6 +450,31 @@ class LearnerWorker:
         finally:
             dist.destroy_process_group(group)
 
+    def attach_weight_sync(self, backend: Any) -> None:
+        """Keep `backend` (a broadcast `WeightSyncBackend` from `RolloutGroup.weight_sync`, picklable) on
+        rank 0 for `push_weights`; other ranks ignore it. Closes a backend attached before (its process
+        group with the engines), so `attach_weight_sync(None)` detaches; best effort, since the engines
+        may be gone already (their side of the group went with them)."""
+        previous = getattr(self, "_weight_sync", None)
+        self._weight_sync = backend if self.rank == 0 else None
+        if previous is not None and previous is not backend:
+            with contextlib.suppress(Exception):
+                previous.close()
+
+    @torch.no_grad()
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Push the policy's weights from rank 0 straight into the rollout engines through the attached
+        backend (`backend.push(state, version)`); returns its metrics on rank 0, {} elsewhere. Collective
+        (call it on every rank: under ZeRO-3 the gather in `export_weights` is)."""
+        state = self.export_weights()  # before any check: the other ranks are in the gather too
+        if self.rank != 0:
+            return {}
+        backend = getattr(self, "_weight_sync", None)
+        if backend is None:
+            raise RuntimeError("push_weights before attach_weight_sync: no weight-sync backend on rank 0")
+        assert state is not None
+        return backend.push(state, version)
+
     def save_checkpoint(self, path: str) -> None:
         """`path/`: HF-format policy (config, safetensors, tokenizer files copied from the source
         checkpoint) that vLLM loads; `path/trainer_state/`: DeepSpeed optimizer + engine state (`deepspeed/`,
@@ -536,6 +561,7 @@ class LearnerWorker:
 
     def shutdown(self) -> None:
         """Leave the process group (so the actor can exit cleanly)."""
+        self.attach_weight_sync(None)
         self.engine = self.critic = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -45,9 +45,10 @@ class RolloutConfig(StrictModel):
     """Skip torch.compile in vLLM (faster to start and, for tiny models on CPU, faster to run)."""
     threads_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND for the engine: 'nobind', or a core list like '0' to pin it."""
-    weight_sync: Literal["object_store", "nccl"] = "object_store"
-    """How new weights reach the engines: 'object_store' (Ray's object store; CPU and multi-node) or 'nccl'
-    (broadcast from the learner's rank 0 over NCCL; needs GPUs)."""
+    weight_sync: Literal["object_store", "nccl", "gloo"] = "object_store"
+    """How new weights reach the engines: 'object_store' (learner → driver → Ray's object store → engines;
+    CPU and multi-node), or a broadcast from the learner's rank 0 straight into the engines over a private
+    process group, skipping the driver: 'nccl' (GPUs) or 'gloo' (the same path over CPU tensors)."""
     bucket_mb: float = Field(64.0, gt=0)
     """Weights move in buckets of at most this many MiB, loaded one after another (a single fused unit,
     such as one layer's experts, that is larger travels alone)."""

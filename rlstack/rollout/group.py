@@ -2,8 +2,9 @@
 
 `submit` returns immediately (Ray futures), so the driver can keep generation running while the learner
 trains (async mode); `collect` waits. With `engine: async` the workers are `AsyncRolloutWorker`s, which
-generate several submitted batches concurrently. New weights go through `weight_sync`
-(rollout.sync: bucketed, changed-only; object store or NCCL) and every engine loads the same buckets.
+generate several submitted batches concurrently. New weights go through `weight_sync` (rollout.sync:
+bucketed, changed-only; object store, or a broadcast over NCCL / gloo) and every engine loads the same
+buckets.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class RolloutGroup:
             # validate pushes against the checkpoint when the driver can read it (not a hub id)
             known=checkpoint_tensors(model_path) if Path(model_path).is_dir() else None,
         )
-        """How `update_weights` pushes. With 'nccl' the push must run in the learner's rank-0 GPU process:
-        pass this (picklable) object there and call its `push(state_dict, version)`."""
+        """How `update_weights` pushes. With 'nccl' / 'gloo' (broadcast) the push must run in the learner's
+        rank-0 process: pass this (picklable) object there (`LearnerGroup.attach_weight_sync`) and push
+        from it (`LearnerGroup.push_weights`)."""
 
     def submit(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> PendingRollouts:
         """Spread prompts over the workers in contiguous chunks (keeps each prompt's group together)."""

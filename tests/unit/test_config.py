@@ -90,6 +90,39 @@ def test_critic_advantage_and_critic_learner_must_agree() -> None:
     assert cfg.learner.critic.enabled
 
 
-def test_nccl_weight_sync_is_refused_by_the_trainer_config() -> None:
-    with pytest.raises(ConfigError, match="not wired into the trainer"):
-        load_config(None, ["rollout.weight_sync=nccl"])
+@pytest.mark.parametrize("sync", ["object_store", "gloo", "nccl"])
+def test_weight_sync_choices_are_accepted(sync: str) -> None:
+    cfg = load_config(None, [f"rollout.weight_sync={sync}"])
+    assert cfg.rollout.weight_sync == sync
+
+
+@pytest.mark.parametrize("backend", ["auto", "nccl"])
+def test_nccl_weight_sync_accepts_a_learner_that_can_be_on_gpus(backend: str) -> None:
+    cfg = load_config(None, ["rollout.weight_sync=nccl", f"learner.backend={backend}"])
+    assert (cfg.rollout.weight_sync, cfg.learner.backend) == ("nccl", backend)
+
+
+def test_nccl_weight_sync_refuses_a_gloo_learner() -> None:
+    with pytest.raises(ConfigError, match=r"weight_sync 'nccl'.*learner.backend is 'gloo'") as err:
+        load_config(None, ["rollout.weight_sync=nccl", "learner.backend=gloo"])
+    assert "\n" not in str(err.value).strip()  # one line
+
+
+def test_gloo_weight_sync_works_with_a_gloo_learner() -> None:
+    cfg = load_config(None, ["rollout.weight_sync=gloo", "learner.backend=gloo"])
+    assert cfg.rollout.weight_sync == "gloo"
+
+
+@pytest.mark.parametrize(("sync", "transport"), [("gloo", "gloo"), ("nccl", "nccl"), ("object_store", None)])
+def test_weight_sync_choice_picks_the_backend(sync: str, transport: str | None) -> None:
+    from rlstack.rollout.sync import make_backend
+    from rlstack.rollout.sync.nccl import BroadcastBackend
+
+    backend = make_backend(load_config(None, [f"rollout.weight_sync={sync}"]).rollout.weight_sync, [], 1)
+    assert isinstance(backend, BroadcastBackend) == (transport is not None)
+    assert getattr(backend, "transport", None) == transport
+
+
+def test_unknown_weight_sync_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"rollout.weight_sync.*object_store.*nccl.*gloo"):
+        load_config(None, ["rollout.weight_sync=shm"])

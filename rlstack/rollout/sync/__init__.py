@@ -3,6 +3,10 @@
 - `object_store` (rollout.sync.object_store): buckets of safetensors bytes through Ray's object store;
   CPU and multi-node.
 - `nccl` (rollout.sync.nccl): buckets broadcast over a private NCCL group from the learner's rank 0; GPUs.
+- `gloo` (rollout.sync.nccl too): the same broadcast over a gloo group and CPU tensors; CPU.
+
+The broadcast backends push from the learner's rank 0 (`LearnerGroup.attach_weight_sync` hands it the
+picklable backend, `LearnerGroup.push_weights` pushes), so weights skip the driver.
 
 Both push only the units that changed since the last push, in buckets of at most `bucket_mb`, and report
 bytes sent / skipped, buckets and seconds (rollout.sync.plan, rollout.sync.base). The engine side is
@@ -31,8 +35,8 @@ def make_backend(
         from rlstack.rollout.sync.object_store import ObjectStoreBackend
 
         return ObjectStoreBackend(workers, bucket_mb, changed_only, known)
-    if kind == "nccl":
+    if kind in ("nccl", "gloo"):
         from rlstack.rollout.sync.nccl import BroadcastBackend
 
-        return BroadcastBackend(workers, bucket_mb, changed_only, known, transport="nccl")
-    raise ValueError(f"unknown rollout.weight_sync {kind!r}; expected 'object_store' or 'nccl'")
+        return BroadcastBackend(workers, bucket_mb, changed_only, known, transport=kind)
+    raise ValueError(f"unknown rollout.weight_sync {kind!r}; expected 'object_store', 'nccl' or 'gloo'")

@@ -7,11 +7,11 @@ packed buffer on its GPU, joins the broadcast and loads the tensors with vLLM's 
 broadcasts the packed bucket. Planning, changed-only and the begin/finish lifecycle are shared with the
 object-store backend (rollout.sync.base).
 
-Where it runs: the process that calls `push` is rank 0 and must hold the weights on its GPU, i.e. the
-learner's rank 0: the backend object is picklable (the process group is made lazily, in the process that
-pushes), so the driver can hand `RolloutGroup.weight_sync` to the learner actor. On CPU it refuses to
-start, naming the problem (`check_transport`). `transport="gloo"` runs the very same path over CPU
-tensors; the tests use it, since NCCL itself needs GPUs.
+Where it runs: the process that calls `push` is rank 0, i.e. the learner's rank 0: the backend object is
+picklable (the process group is made lazily, in the process that pushes), so the driver hands
+`RolloutGroup.weight_sync` to the learner (`LearnerGroup.attach_weight_sync`) and each step calls
+`LearnerGroup.push_weights`. With NCCL, on CPU it refuses to start, naming the problem (`check_transport`).
+`transport="gloo"` (`rollout.weight_sync: gloo`) runs the very same path over CPU tensors.
 """
 
 from __future__ import annotations
