@@ -402,7 +402,7 @@ def summarize(size_name: str, r: dict[str, Any]) -> dict[str, float]:
         f[f"{kind}_step_s"] = median(r[kind]["step_s"])  # median: robust to a step slowed by other work
         f[f"{kind}_samples_per_s"] = size.samples / f[f"{kind}_step_s"]
     for stage in STAGES:
-        f[f"sync_{stage}_s"] = median(m[f"time/{stage}"] for m in r["sync"]["metrics"])
+        f[f"sync_{stage}_s"] = median(m.get(f"time/{stage}", 0.0) for m in r["sync"]["metrics"])
     f["sync_rest_s"] = sum(f[f"sync_{s}_s"] for s in STAGES if s != "generate")
     f["async_generate_wait_s"] = median(m["time/generate"] for m in r["async"]["metrics"])
     f["rlstack_gen_tokens_per_s"] = median(

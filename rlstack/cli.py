@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
-from rlstack.config import ConfigError, RunConfig, dump_config, load_config
+from rlstack.config import BuilderName, ConfigError, RunConfig, dump_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="write a freshly initialised Step3p5 checkpoint (HF format, vLLM-ready)"
     )
     p.add_argument("path")
-    p.add_argument("--builder", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--builder", choices=get_args(BuilderName), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_model_init)
     p = model.add_parser("check", help="vLLM vs PyTorch log-prob agreement on sampled tokens")

@@ -24,10 +24,13 @@ from rlstack.rollout.config import RolloutConfig
 __all__ = ["ConfigError", "RunConfig", "StrictModel", "dump_config", "load_config"]
 
 
+BuilderName = Literal["tiny", "medium", "small"]  # rlstack.model.builders.BUILDERS
+
+
 class ModelConfig(StrictModel):
     path: str | None = None
     """An HF-format checkpoint directory to start from. None = build a fresh model with `builder`."""
-    builder: Literal["tiny", "small"] = "tiny"
+    builder: BuilderName = "tiny"
     """Architecture preset used when `path` is None (see rlstack.model.builders)."""
     init_seed: int = 0
     """Seed of the random initialisation when building a fresh model."""

@@ -1,10 +1,11 @@
 """The single controller: the only place that sees the whole RL loop.
 
 `Trainer.step()` reads top to bottom: sample prompts → generate → score → old log-probs (and critic
-values) → MIS filters → advantages → train → sync weights → log. Sync mode runs them in turn; async mode
-keeps up to `max_staleness` generation batches queued on the rollout actors, so the next batch is sampled
-(by the previous policy) while the learner trains, and a batch made by version v is trained on only while
-current − v ≤ k.
+values) → MIS filters → advantages → train → sync weights → log. Where exact (`learner.fuse_old_logp`),
+the old log-probs and filters come out of the training forward instead of a pass of their own.
+Sync mode runs them in turn; async mode keeps up to `max_staleness` generation batches queued on the
+rollout actors, so the next batch is sampled (by the previous policy) while the learner trains, and a batch
+made by version v is trained on only while current − v ≤ k.
 """
 
 from __future__ import annotations
@@ -86,13 +87,16 @@ class Trainer:
         with timer("score"):
             reward_metrics, reward_info = self._score(rollouts)
         batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id)
-        with timer("old_logprobs"):
-            batch = batch.replace(old_logp=self.learner.compute_logprobs(batch))
+        fused = self._old_logp_from_train_forward()
+        if not fused:
+            with timer("old_logprobs"):
+                batch = batch.replace(old_logp=self.learner.compute_logprobs(batch))
         values = None
         if self.cfg.algorithm.advantage == "critic":
             with timer("values"):
                 values = self.learner.compute_values(batch)  # (B, L) V(s_t), aligned like old_logp
-        batch = batch.replace(filter=self.mis_filter(batch.old_logp, batch.rollout_logp, batch.loss_mask))
+        if not fused:
+            batch = batch.replace(filter=self._filter(batch.old_logp, batch))
         advantages, returns = compute_advantages(
             self.cfg.algorithm,
             batch.rewards,
@@ -103,7 +107,12 @@ class Trainer:
         )
         with timer("train"):
             batch = batch.replace(advantages=advantages, returns=returns)
-            train_metrics = self.learner.train_step(batch, self.cfg.algorithm)
+            if fused:  # pi_old and the filter come out of the training forward
+                train_metrics, old_logp = self.learner.train_step_old_from_forward(batch, self.cfg.algorithm)
+                batch = batch.replace(old_logp=old_logp, filter=self._filter(old_logp, batch))
+                train_metrics |= batch.filter.metrics  # batch-level quantiles, not micro-batch averages
+            else:
+                train_metrics = self.learner.train_step(batch, self.cfg.algorithm)
         with timer("sync"):
             sync_metrics = self._sync_weights()
         self.step_index += 1
@@ -168,6 +177,18 @@ class Trainer:
             }
         )
         return self.rollout.submit(prompts, sampling)
+
+    def _old_logp_from_train_forward(self) -> bool:
+        """Whether pi_old can come from the training forward exactly (see `learner.fuse_old_logp`)."""
+        from rlstack.learner.step import STATELESS_TRAJ_FILTERS
+
+        learner = self.cfg.learner
+        stateless = self.cfg.algorithm.traj_filter in STATELESS_TRAJ_FILTERS
+        return learner.fuse_old_logp and learner.n_minibatches == 1 and stateless
+
+    def _filter(self, old_logp: torch.Tensor, batch: Any) -> Any:
+        """The step's MIS filter over the whole batch (pi_old vs the rollout engine's log-probs)."""
+        return self.mis_filter(old_logp, batch.rollout_logp, batch.loss_mask)
 
     def _score(self, rollouts: list[Rollout]) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Rewards onto the rollouts; returns metrics and each sample's reward details (for samples/)."""

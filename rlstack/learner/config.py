@@ -77,6 +77,12 @@ class LearnerConfig(StrictModel):
     """Optimizer steps per `train_step`: the step's batch is split into this many mini-batches, each
     normalised on its own (docs/MISPO.md, recipe step 6)."""
 
+    fuse_old_logp: bool = True
+    """Take pi_old from the training forward instead of a separate forward pass over the batch, where that
+    is exact: `n_minibatches` 1 (no optimizer step has run when it is read) and `algorithm.traj_filter`
+    `fixed` or `off` (then computed per micro-batch). Saves about a third of the learner's compute per step.
+    False always runs the separate pass. Ignored (the pass runs) where it would not be exact."""
+
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `gloo` on CPU, `nccl` on GPU; `auto` picks nccl when the Ray cluster has
     GPUs (one per rank) and gloo otherwise."""
@@ -86,6 +92,12 @@ class LearnerConfig(StrictModel):
 
     cpus_per_rank: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved per learner actor (fractional is allowed, e.g. 0.5 to share a core in tests)."""
+
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per learner actor on CPU; None = floor(cpus_per_rank), at least 1. In sync mode the
+    learner and the rollout engines take turns, so the learner can use every core of its node (a 2-core
+    machine: 2) though it reserves fewer Ray CPUs; in async mode they run at once and more threads than
+    reserved CPUs make the two fight over cores."""
 
     critic: CriticConfig = CriticConfig()
     """Value model for critic advantages (off by default: group advantages need none)."""

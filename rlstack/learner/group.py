@@ -117,13 +117,11 @@ class LearnerGroup:
         its `n_minibatches` steps on `batch.returns` (`critic/...` metrics).
 
         Needs `batch.advantages`, and `batch.returns` exactly when `learner.critic.enabled`. Fills in what
-        is missing: `old_logp` (recomputed with the current weights) and, for stateless trajectory filters
-        (`fixed`/`off`), the MIS filter over the whole batch, so its metrics are batch-level. Stateful
-        filters (`adaptive`/`stochastic`) must come from the caller's long-lived `MISFilter`. Returns
-        global metrics, including batch counts and staleness.
+        is missing: `old_logp` (recomputed with the current weights; `train_step_old_from_forward` skips
+        that pass) and, for stateless trajectory filters (`fixed`/`off`), the MIS filter over the whole
+        batch, so its metrics are batch-level. Stateful filters (`adaptive`/`stochastic`) must come from
+        the caller's long-lived `MISFilter`. Returns global metrics, including batch counts and staleness.
         """
-        import ray
-
         from rlstack.learner.critic import check_critic_inputs
         from rlstack.mispo import apply_filters
 
@@ -144,6 +142,39 @@ class LearnerGroup:
                 f"algorithm.traj_filter = '{algo_cfg.traj_filter}' is stateful: pass the step's "
                 "MISFilter(cfg)(old_logp, rollout_logp, loss_mask) result as batch.filter"
             )
+        return self._train(batch, algo_cfg, old_from_forward=False)[0]
+
+    def train_step_old_from_forward(
+        self, batch: PolicyBatch, algo_cfg: AlgorithmConfig
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """`train_step` without the separate pi_old pass: each rank takes pi_old from its training forward
+        (exact before the step's only optimizer step; needs `learner.n_minibatches` 1 and a stateless
+        trajectory filter, `fixed` or `off`, computed per micro-batch). Returns (metrics, pi_old (B, L)),
+        so the caller can compute the step's batch-level MIS filter afterwards, for metrics and samples."""
+        from rlstack.learner.step import STATELESS_TRAJ_FILTERS
+
+        if batch.old_logp is not None or batch.filter is not None:
+            raise ValueError("train_step_old_from_forward computes pi_old and the filter: pass neither")
+        if self.cfg.n_minibatches != 1 or algo_cfg.traj_filter not in STATELESS_TRAJ_FILTERS:
+            raise ValueError(
+                "pi_old from the training forward needs learner.n_minibatches 1 (got "
+                f"{self.cfg.n_minibatches}) and algorithm.traj_filter in {STATELESS_TRAJ_FILTERS} (got "
+                f"'{algo_cfg.traj_filter}'); use train_step"
+            )
+        if batch.advantages is None:
+            raise ValueError(
+                "train_step: batch.advantages is None; set them (rlstack.mispo.compute_advantages)"
+            )
+        metrics, old_logp = self._train(batch, algo_cfg, old_from_forward=True)
+        assert old_logp is not None
+        return metrics, old_logp
+
+    def _train(
+        self, batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forward: bool
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Shard each mini-batch over the ranks, train, and add batch-level counts and staleness."""
+        import ray
+
         n_mini = self.cfg.n_minibatches
         if n_mini > len(batch):
             raise ValueError(f"learner.n_minibatches = {n_mini} but the batch has only {len(batch)} rows")
@@ -153,9 +184,12 @@ class LearnerGroup:
                 per_rank[r].append(shard)
         versions_before = self._version
         results = ray.get(
-            [a.train_step.remote(s, algo_cfg) for a, s in zip(self.actors, per_rank, strict=True)]
+            [
+                a.train_step_old_from_forward.remote(s, algo_cfg, old_from_forward)
+                for a, s in zip(self.actors, per_rank, strict=True)
+            ]
         )
-        metrics = dict(results[0])
+        metrics = dict(results[0][0])
         self._version = int(metrics["learner/version"])
         staleness = (versions_before - batch.versions).float()  # (B,)
         metrics |= {
@@ -163,7 +197,9 @@ class LearnerGroup:
             "batch/staleness_mean": float(staleness.mean()),
             "batch/staleness_max": float(staleness.max()),
         }
-        return metrics
+        if not old_from_forward:
+            return metrics, None
+        return metrics, torch.cat([old for _, old in results])[: len(batch)]
 
     # ---- weights and checkpoints ---------------------------------------------------------------
 

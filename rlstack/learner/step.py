@@ -29,6 +29,8 @@ from rlstack.mispo import AlgorithmConfig, compute_policy_loss
 
 # Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
 SUMMED = ("actor/loss", "actor/pg_loss")
+# Trajectory filters that need no state across steps: one micro-batch's rows can be filtered on their own.
+STATELESS_TRAJ_FILTERS = ("fixed", "off")
 
 
 class Reducer(Protocol):
@@ -159,11 +161,20 @@ def padded_micro_batches(shard: PolicyBatch, micro_batch_size: int, reducer: Red
     return micro + [inert] * (n - len(micro))
 
 
-def check_trainable(batch: PolicyBatch) -> None:
-    if batch.old_logp is None:
+def check_trainable(batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forward: bool) -> None:
+    if batch.old_logp is None and not old_from_forward:
         raise ValueError("PolicyBatch.old_logp is None: compute pi_old with compute_logprobs(batch) first")
     if batch.advantages is None:
         raise ValueError("PolicyBatch.advantages is None: set them with rlstack.mispo.compute_advantages")
+    if batch.old_logp is None and (
+        batch.filter is not None or algo_cfg.traj_filter not in STATELESS_TRAJ_FILTERS
+    ):
+        raise ValueError(
+            "pi_old from the training forward (old_logp None) computes the MIS filter per micro-batch, so it "
+            f"needs a stateless trajectory filter {STATELESS_TRAJ_FILTERS} and no precomputed batch.filter; "
+            f"got traj_filter '{algo_cfg.traj_filter}'"
+            + (" and a filter" if batch.filter is not None else "")
+        )
 
 
 def accumulate_minibatch(
@@ -174,18 +185,33 @@ def accumulate_minibatch(
     reducer: Reducer,
     micro_batch_size: int,
     device: torch.device | None = None,
+    old_from_forward: bool = False,
+    old_logp_out: list[torch.Tensor] | None = None,
 ) -> MetricSums:
     """Forward/backward this rank's rows of one mini-batch into `sink`; returns this rank's metric sums
     (all-reduce them for the global numbers). Gradients afterwards are exactly those of the mini-batch
-    loss once the caller's data-parallel layer has averaged them over ranks."""
-    check_trainable(shard)
+    loss once the caller's data-parallel layer has averaged them over ranks.
+
+    `old_from_forward` with `shard.old_logp` None: pi_old is each micro-batch's own forward, detached (no
+    separate forward pass, as TRL does with one iteration). Exact only before the train step's first
+    optimizer step, so the caller must make this the step's only mini-batch. The MIS filter is then
+    computed per micro-batch (stateless trajectory filters only). `old_logp_out` receives the real rows'
+    pi_old, (b, L) per micro-batch."""
+    check_trainable(shard, algo_cfg, old_from_forward)
+    from_forward = shard.old_logp is None
     normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)
     micro = padded_micro_batches(shard, micro_batch_size, reducer)
+    n_real = len(shard.chunks(micro_batch_size))
     stats = MetricSums()
     for i, mb in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
         mb = _to(mb.trim(), device or torch.device("cpu"))
         scores = score_tokens(model, mb.input_ids, mb.attention_mask)
+        if from_forward:
+            mb = mb.replace(old_logp=torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0))
+            if old_logp_out is not None and i < n_real:
+                old = mb.old_logp.float().cpu()  # (b, l)
+                old_logp_out.append(torch.nn.functional.pad(old, (0, shard.seq_len - old.shape[1])))
         loss, metrics = compute_policy_loss(
             algo_cfg,
             scores.logp,

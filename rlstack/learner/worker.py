@@ -79,6 +79,11 @@ def resolve_backend(backend: str, cuda_available: bool) -> str:
     return backend
 
 
+def learner_threads(cfg: LearnerConfig) -> int:
+    """torch threads of one learner rank: `num_threads`, else its whole reserved CPUs (at least 1)."""
+    return cfg.num_threads if cfg.num_threads is not None else max(1, math.floor(cfg.cpus_per_rank))
+
+
 def deepspeed_config(cfg: LearnerConfig, lr: float | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for `cfg` (with learning rate `lr` instead of `cfg.lr`: the critic's).
     Accumulation is driven by the caller (boundaries set per micro-batch, `scale_wrt_gas=False`), so
@@ -189,7 +194,7 @@ class LearnerWorker:
         if backend == "nccl":
             self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
-        torch.set_num_threads(max(1, math.floor(self.cfg.cpus_per_rank)))
+        torch.set_num_threads(learner_threads(self.cfg))
         _seed_everything(self.cfg.seed + self.rank)
 
         if not dist.is_initialized():
@@ -289,16 +294,34 @@ class LearnerWorker:
         `n_minibatches` policy steps. `batch` is this rank's rows (split here into `cfg.n_minibatches`), or a
         list with this rank's rows of each global mini-batch (what `LearnerGroup` sends). Returns global
         metrics (identical on every rank; `critic/...` with a critic); bumps `version`."""
+        return self.train_step_old_from_forward(batch, algo_cfg, old_from_forward=False)[0]
+
+    def train_step_old_from_forward(
+        self,
+        batch: PolicyBatch | list[PolicyBatch],
+        algo_cfg: AlgorithmConfig,
+        old_from_forward: bool = True,
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """`train_step`, where (with `old_from_forward`) rows without `old_logp` take pi_old from the
+        training forward itself instead of a separate `compute_logprobs` pass: one mini-batch only (before
+        its optimizer step the weights are pi_old), stateless MIS filter. Returns (metrics, this rank's
+        pi_old (B, L) or None when every row brought its own)."""
         start = time.perf_counter()
         minibatches = self._minibatches(batch)
+        if old_from_forward and len(minibatches) > 1 and any(s.old_logp is None for s in minibatches):
+            raise ValueError(
+                f"pi_old from the training forward needs one mini-batch per step (learner.n_minibatches "
+                f"= {len(minibatches)}): after the first optimizer step the weights are no longer pi_old"
+            )
         metrics = self.train_critic(minibatches, algo_cfg) if self.critic is not None else {}
-        metrics |= self.train_policy(minibatches, algo_cfg)
+        old_logp: list[torch.Tensor] = []
+        metrics |= self._train_policy(minibatches, algo_cfg, old_from_forward, old_logp)
         self.version += 1
         metrics |= {
             "learner/version": float(self.version),
             "learner/step_time_s": time.perf_counter() - start,
         }
-        return metrics
+        return metrics, torch.cat(old_logp) if old_logp else None
 
     def _minibatches(self, batch: PolicyBatch | list[PolicyBatch]) -> list[PolicyBatch]:
         minibatches = (
@@ -313,12 +336,26 @@ class LearnerWorker:
     ) -> dict[str, float]:
         """The policy's optimizer steps of `train_step` (one per mini-batch); `actor/...` metrics. Does not
         bump `version` (train_step does)."""
-        minibatches = self._minibatches(batch)
+        return self._train_policy(self._minibatches(batch), algo_cfg)
 
+    def _train_policy(
+        self,
+        minibatches: list[PolicyBatch],
+        algo_cfg: AlgorithmConfig,
+        old_from_forward: bool = False,
+        old_logp_out: list[torch.Tensor] | None = None,
+    ) -> dict[str, float]:
         def accumulate(shard: PolicyBatch) -> MetricSums:
-            mbs = self.cfg.micro_batch_size
             return accumulate_minibatch(
-                self.engine, shard, algo_cfg, self._sink, self._reducer, mbs, self.device
+                self.engine,
+                shard,
+                algo_cfg,
+                self._sink,
+                self._reducer,
+                self.cfg.micro_batch_size,
+                self.device,
+                old_from_forward,
+                old_logp_out,
             )
 
         return self._optimize(self.engine, minibatches, accumulate, SUMMED, "actor", self._has_signal)

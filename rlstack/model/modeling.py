@@ -13,6 +13,7 @@ experts run as a Python loop over the experts that received tokens (fine at our 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,14 @@ class Step3p5Output(CausalLMOutputWithPast):
     expert_load: torch.Tensor | None = None  # (n_moe_layers, E) token counts
 
 
+class Step3p5BaseOutput(NamedTuple):
+    """The backbone's output: unpacks as `(hidden, stats)`, and has HF's `last_hidden_state` for code that
+    calls `model.base_model(...)` (TRL's fused LM-head loss does)."""
+
+    last_hidden_state: torch.Tensor  # (B, T, H), after the final norm
+    router_stats: list[RoutingStats]  # one per MoE layer
+
+
 class Step3p5PreTrainedModel(PreTrainedModel):
     config_class = Step3p5Config
     base_model_prefix = "model"
@@ -263,7 +272,8 @@ class Step3p5Model(Step3p5PreTrainedModel):
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, S = past + T
         position_ids: torch.Tensor | None = None,  # (B, T)
         past_key_values: Cache | None = None,
-    ) -> tuple[torch.Tensor, list[RoutingStats]]:
+        **kwargs: object,  # HF callers pass use_cache, return_dict, ...; the output does not change
+    ) -> Step3p5BaseOutput:
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             if attention_mask is not None:
@@ -280,7 +290,7 @@ class Step3p5Model(Step3p5PreTrainedModel):
             x, layer_stats = layer(x, position_ids, key_padding, past_key_values)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        return self.norm(x), stats
+        return Step3p5BaseOutput(self.norm(x), stats)
 
 
 class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):

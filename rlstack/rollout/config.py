@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlstack.config_base import StrictModel
 
@@ -14,12 +14,23 @@ class SamplingConfig(StrictModel):
     """Responses sampled per prompt (the group size of group advantages)."""
     max_tokens: int = Field(64, ge=1)
     """Length limit of a response; responses that hit it finish with reason `length`."""
+    min_tokens: int = Field(0, ge=0)
+    """EOS and stop tokens are suppressed until a response has this many tokens (benchmarks use it to fix
+    response lengths; keep 0 for RL, where it changes the sampled distribution)."""
     temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature. Keep 1.0 for RL: the recorded log-probs are then those of the policy itself."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling; below 1 the sampled distribution is no longer the policy's (MIS-PO will see it)."""
     seed: int = 0
     """Base seed; request i of a call is sampled with seed + i, so a batch is reproducible."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"rollout.sampling.min_tokens = {self.min_tokens} exceeds max_tokens = {self.max_tokens}"
+            )
+        return self
 
 
 class RolloutConfig(StrictModel):

@@ -137,6 +137,7 @@ def sampling_params(sampling: SamplingConfig, index: int) -> Any:
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
         logprobs=0,  # exactly the sampled token's log-prob
         seed=sampling.seed + index,
     )

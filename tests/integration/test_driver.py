@@ -60,6 +60,23 @@ def test_async_with_zero_staleness_equals_sync(tmp_path: Path) -> None:
     assert all(m["batch/staleness_max"] == 0 for m in async0)
 
 
+def test_old_logp_from_the_training_forward_equals_the_separate_pass(tmp_path: Path) -> None:
+    """learner.fuse_old_logp (the default) skips the pi_old forward; the run is the same as with it."""
+    base = {"steps": 3, "mode": "sync"}
+    fused = run_steps(tiny_run(tmp_path / "fused", trainer=base), tmp_path)
+    separate = run_steps(
+        tiny_run(tmp_path / "separate", trainer=base, learner={"fuse_old_logp": False}), tmp_path
+    )
+    assert all("time/old_logprobs" not in m for m in fused)
+    assert all(m["time/old_logprobs"] > 0 for m in separate)
+    assert any(m["actor/grad_norm"] > 0 for m in fused), "nothing was learned: a vacuous comparison"
+    for step, (x, y) in enumerate(zip(fused, separate, strict=True), start=1):
+        for key in (*COMPARED, "filter/log_ratio_p50", "filter/log_ratio_p95", "filter/combined_accept"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), f"step {step}: {key} {x[key]} != {y[key]}"
+    records = (tmp_path / "fused" / "samples" / "rollouts.jsonl").read_text().splitlines()
+    assert len(records) == 3 * 16 and all("traj_accepted" in json.loads(r) for r in records)
+
+
 def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
     config = tiny_run(tmp_path / "async2", trainer={"mode": "async", "max_staleness": 2, "steps": 4})
     steps = run_steps(config, tmp_path)

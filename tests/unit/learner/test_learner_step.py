@@ -144,3 +144,39 @@ def test_missing_inputs_are_reported(policy, ragged_batch) -> None:
     with pytest.raises(ValueError, match="advantages is None"):
         with_old = ragged_batch.replace(old_logp=ragged_batch.rollout_logp)
         accumulate_minibatch(policy, with_old, cfg, TorchSink(), LocalReducer(), 4)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=lambda c: f"{c.name}-{c.traj_filter}")
+def test_pi_old_from_the_training_forward_equals_a_separate_pass(policy, ragged_batch, cfg) -> None:
+    """learner.fuse_old_logp: before the step's optimizer step the training forward IS pi_old, so taking it
+    from there (and filtering per micro-batch) gives the gradients, metrics and pi_old of the two-pass
+    path (micro-batches of 3 over 8 rows: the stateless filter per micro-batch equals the batch filter)."""
+    separate = _prepared(policy, ragged_batch, cfg)
+    g_two, m_two = _run(policy, separate, cfg, micro_batch_size=3)
+
+    fused_model = copy.deepcopy(policy)
+    old_out: list[torch.Tensor] = []
+    fused = separate.replace(old_logp=None, filter=None)
+    stats = accumulate_minibatch(
+        fused_model, fused, cfg, TorchSink(), LocalReducer(), 3, old_from_forward=True, old_logp_out=old_out
+    )
+    m_one = stats.all_reduce(LocalReducer()).result()
+    old = torch.cat(old_out)  # (B, L)
+    assert old.shape == separate.old_logp.shape
+    torch.testing.assert_close(old * separate.loss_mask, separate.old_logp, rtol=0, atol=1e-5)
+    assert (old[:, 0] == 0).all() and (old[~separate.attention_mask.bool()] == 0).all()
+    g_one = _grads(fused_model)
+    assert g_one.keys() == g_two.keys()
+    for name in g_two:
+        _assert_close(g_one[name], g_two[name], name)
+    for key in ("actor/loss", "actor/train_frac", "filter/token_accept", "batch/tokens"):
+        assert m_one[key] == pytest.approx(m_two[key], rel=1e-5, abs=1e-7), key
+
+
+def test_pi_old_from_the_training_forward_refuses_what_it_cannot_do_exactly(policy, ragged_batch) -> None:
+    adaptive = CONFIGS[1]
+    batch = _prepared(policy, ragged_batch, adaptive).replace(old_logp=None, filter=None)
+    with pytest.raises(ValueError, match="stateless trajectory filter"):
+        accumulate_minibatch(policy, batch, adaptive, TorchSink(), LocalReducer(), 4, old_from_forward=True)
+    with pytest.raises(ValueError, match="old_logp is None"):  # not asked for: still an error
+        accumulate_minibatch(policy, batch, CONFIGS[0], TorchSink(), LocalReducer(), 4)

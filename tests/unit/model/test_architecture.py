@@ -111,3 +111,16 @@ def test_unsupported_config_is_refused_with_the_key_named() -> None:
         Step3p5ForCausalLM(Step3p5Config(moe_router_activation="softmax"))
     with pytest.raises(ValueError, match="num_attention_groups must be > 1"):
         Step3p5ForCausalLM(Step3p5Config(num_attention_groups=1))
+
+
+def test_backbone_takes_hf_keywords_and_exposes_last_hidden_state(model: Step3p5ForCausalLM) -> None:
+    """TRL scores completions with `model.base_model(ids, attention_mask=..., use_cache=False)
+    .last_hidden_state` and its own LM head: that must reproduce our logits."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False, return_dict=True)
+        hidden, stats = out  # still unpacks like the plain tuple the rest of the code uses
+        assert out.last_hidden_state is hidden and len(stats) == 3
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(model.lm_head(out.last_hidden_state), logits, rtol=0, atol=0)

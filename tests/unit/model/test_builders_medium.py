@@ -36,3 +36,12 @@ def test_medium_keeps_the_step35_layout() -> None:
     model = _model()
     assert not hasattr(model.model.layers[0], "moe")
     assert all(hasattr(layer, "moe") and hasattr(layer, "share_expert") for layer in model.model.layers[1:])
+
+
+def test_every_builder_is_selectable_from_config_and_cli() -> None:
+    from typing import get_args
+
+    from rlstack.config import BuilderName, load_config
+
+    assert set(get_args(BuilderName)) == set(BUILDERS)
+    assert load_config(None, ["model.builder=medium"]).model.builder == "medium"
