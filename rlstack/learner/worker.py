@@ -446,8 +446,14 @@ class LearnerWorker:
             raise ValueError("critic_weights: learner.critic.enabled is false, there is no critic")
         return self._full_state(self.critic)
 
-    def _full_state(self, engine: Any) -> dict[str, torch.Tensor] | None:
+    def _full_state(self, engine: Any, on_device: bool = False) -> dict[str, torch.Tensor] | None:
+        """The engine's full fp32 state dict on rank 0 (None elsewhere): copies on the CPU, or on this
+        rank's device with `on_device`. Collective under ZeRO-3."""
         module = engine.module
+
+        def _export(t: torch.Tensor) -> torch.Tensor:
+            return _copy_out(t, on_device)
+
         if self.cfg.zero_stage != 3:
             if self.rank != 0:
                 return None
@@ -503,7 +509,9 @@ class LearnerWorker:
         """Push the policy's weights from rank 0 straight into the rollout engines through the attached
         backend (`backend.push(state, version)`); returns its metrics on rank 0, {} elsewhere. Collective
         (call it on every rank: under ZeRO-3 the gather in `export_weights` is)."""
-        state = self.export_weights()  # before any check: the other ranks are in the gather too
+        # before any check: the other ranks are in the gather too. On GPU the tensors stay on the GPU, from
+        # which the NCCL broadcast sends them (no round trip through host memory).
+        state = self._full_state(self.engine, on_device=True)
         if self.rank != 0:
             return {}
         backend = getattr(self, "_weight_sync", None)
@@ -624,9 +632,11 @@ def _zero_lr(optimizer: Any) -> Iterator[None]:
             g["lr"] = lr
 
 
-def _export(t: torch.Tensor) -> torch.Tensor:
+def _copy_out(t: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+    """A detached fp32 (if floating) copy of `t`, contiguous, on the CPU or (`on_device`) where `t` is."""
     t = t.detach()
-    return (t.float() if t.is_floating_point() else t).cpu().clone().contiguous()
+    t = t.float() if t.is_floating_point() else t
+    return (t if on_device else t.cpu()).clone().contiguous()
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:

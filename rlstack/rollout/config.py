@@ -38,6 +38,9 @@ class RolloutConfig(StrictModel):
     """vLLM engines (Ray actors). Prompts are spread over them."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Ray CPUs reserved by each rollout actor."""
+    gpus_per_worker: float | None = Field(None, ge=0)
+    """Ray GPUs reserved by each rollout actor (vLLM then runs on the GPU Ray assigns it); None = 1 when the
+    Ray cluster has GPUs, 0 on a CPU-only cluster (vLLM-CPU)."""
     sampling: SamplingConfig = SamplingConfig()
     """How responses are sampled."""
     max_model_len: int = Field(512, ge=16)
@@ -56,6 +59,10 @@ class RolloutConfig(StrictModel):
     """Skip torch.compile in vLLM (faster to start and, for tiny models on CPU, faster to run)."""
     threads_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND for the engine: 'nobind', or a core list like '0' to pin it."""
+    num_threads: int | None = Field(None, ge=1)
+    """CPU threads of each engine with `threads_bind: nobind`; None = the actor's Ray CPUs (Ray sets
+    OMP_NUM_THREADS to `cpus_per_worker`). In sync mode generation and training take turns, so each can use
+    every core of the node (a 2-core machine: 2); in async mode they run at once."""
     weight_sync: Literal["object_store", "nccl", "gloo"] = "object_store"
     """How new weights reach the engines: 'object_store' (learner → driver → Ray's object store → engines;
     CPU and multi-node), or a broadcast from the learner's rank 0 straight into the engines over a private

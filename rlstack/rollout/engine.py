@@ -38,12 +38,15 @@ class EngineSettings:
     3.6k vs 0.5-0.8k tokens/s)."""
     threads_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND: 'nobind' shares the cores; '0' or '1' pins an actor's engine to one core."""
+    num_threads: int | None = None
+    """CPU threads of the engine with `threads_bind: nobind` (torch and OpenMP, set before it starts);
+    None keeps the process's setting (in a Ray actor: its `num_cpus`, since Ray sets OMP_NUM_THREADS)."""
 
 
 def make_llm(model_path: str | Path, settings: EngineSettings | None = None) -> LLM:
     """A `vllm.LLM` (one generate call at a time; in-process or multiprocessing engine core)."""
     settings = settings or EngineSettings()
-    with _engine_env(settings.multiprocessing, settings.threads_bind) as scratch:
+    with _engine_env(settings) as scratch:
         from vllm import LLM
 
         llm = LLM(**engine_kwargs(model_path, settings))
@@ -56,7 +59,7 @@ def make_async_llm(model_path: str | Path, settings: EngineSettings | None = Non
     without `settings.multiprocessing` the model runs inside that process (vLLM's uniprocess executor), not
     in a third one: measured here, 24 s to start instead of 35 s, and no /dev/shm message queues."""
     settings = settings or EngineSettings()
-    with _engine_env(settings.multiprocessing, settings.threads_bind) as scratch:
+    with _engine_env(settings) as scratch:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -85,7 +88,7 @@ def engine_kwargs(model_path: str | Path, settings: EngineSettings) -> dict[str,
 
 
 @contextmanager
-def _engine_env(multiprocessing: bool, threads_bind: str) -> Iterator[str]:
+def _engine_env(settings: EngineSettings) -> Iterator[str]:
     """vLLM's environment while an engine starts; yields the engine's private scratch dir.
 
     vLLM leaves its ZMQ IPC sockets (and inductor scratch) in the temp dir; each engine gets a private
@@ -96,8 +99,15 @@ def _engine_env(multiprocessing: bool, threads_bind: str) -> Iterator[str]:
     previous_tmpdir = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = os.environ["VLLM_RPC_BASE_PATH"] = scratch
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.multiprocessing else "0"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.threads_bind
+    if settings.num_threads is not None:
+        # Before the engine starts: vLLM-CPU then disables torch.set_num_threads. The variable reaches the
+        # engine-core process too, when there is one.
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+        os.environ["OMP_NUM_THREADS"] = str(settings.num_threads)
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     # an engine core waits this long for its worker process before killing it (and leaking its /dev/shm)
     os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "30")

