@@ -80,8 +80,8 @@ class LearnerConfig(StrictModel):
     fuse_old_logp: bool = True
     """Take pi_old from the training forward instead of a separate forward pass over the batch, where that
     is exact: `n_minibatches` 1 (no optimizer step has run when it is read) and `algorithm.traj_filter`
-    `fixed` or `off` (then computed per micro-batch). Saves about a third of the learner's compute per step.
-    False always runs the separate pass. Ignored (the pass runs) where it would not be exact."""
+    `fixed` or `off` (then computed per micro-batch). Saves a forward pass, about a quarter of the learner's
+    compute. False always runs the separate pass; where it would not be exact, the pass runs anyway."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: `gloo` on CPU, `nccl` on GPU; `auto` picks nccl when the Ray cluster has
