@@ -158,6 +158,7 @@ class LearnerWorker:
         self.version = 0
         self.engine: Any = None
         self.critic: Any = None  # the value model's engine when cfg.critic.enabled
+        self._weight_sync: Any = None  # rank 0's broadcast backend (attach_weight_sync)
         self.device = torch.device("cpu")
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ class LearnerWorker:
         rank 0 for `push_weights`; other ranks ignore it. Closes a backend attached before (its process
         group with the engines), so `attach_weight_sync(None)` detaches; best effort, since the engines
         may be gone already (their side of the group went with them)."""
-        previous = getattr(self, "_weight_sync", None)
+        previous = self._weight_sync
         self._weight_sync = backend if self.rank == 0 else None
         if previous is not None and previous is not backend:
             with contextlib.suppress(Exception):
@@ -514,11 +515,10 @@ class LearnerWorker:
         state = self._full_state(self.engine, on_device=True)
         if self.rank != 0:
             return {}
-        backend = getattr(self, "_weight_sync", None)
-        if backend is None:
+        if self._weight_sync is None:
             raise RuntimeError("push_weights before attach_weight_sync: no weight-sync backend on rank 0")
         assert state is not None
-        return backend.push(state, version)
+        return self._weight_sync.push(state, version)
 
     def save_checkpoint(self, path: str) -> None:
         """`path/`: HF-format policy (config, safetensors, tokenizer files copied from the source
