@@ -180,11 +180,11 @@ class Trainer:
 
     def _old_logp_from_train_forward(self) -> bool:
         """Whether pi_old can come from the training forward exactly (see `learner.fuse_old_logp`)."""
-        from rlstack.learner.step import STATELESS_TRAJ_FILTERS
+        from rlstack.learner.step import old_logp_from_forward_is_exact
 
         learner = self.cfg.learner
-        stateless = self.cfg.algorithm.traj_filter in STATELESS_TRAJ_FILTERS
-        return learner.fuse_old_logp and learner.n_minibatches == 1 and stateless
+        exact = old_logp_from_forward_is_exact(learner.n_minibatches, self.cfg.algorithm)
+        return learner.fuse_old_logp and exact
 
     def _filter(self, old_logp: torch.Tensor, batch: Any) -> Any:
         """The step's MIS filter over the whole batch (pi_old vs the rollout engine's log-probs)."""

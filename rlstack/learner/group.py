@@ -151,11 +151,11 @@ class LearnerGroup:
         (exact before the step's only optimizer step; needs `learner.n_minibatches` 1 and a stateless
         trajectory filter, `fixed` or `off`, computed per micro-batch). Returns (metrics, pi_old (B, L)),
         so the caller can compute the step's batch-level MIS filter afterwards, for metrics and samples."""
-        from rlstack.learner.step import STATELESS_TRAJ_FILTERS
+        from rlstack.learner.step import STATELESS_TRAJ_FILTERS, old_logp_from_forward_is_exact
 
         if batch.old_logp is not None or batch.filter is not None:
             raise ValueError("train_step_old_from_forward computes pi_old and the filter: pass neither")
-        if self.cfg.n_minibatches != 1 or algo_cfg.traj_filter not in STATELESS_TRAJ_FILTERS:
+        if not old_logp_from_forward_is_exact(self.cfg.n_minibatches, algo_cfg):
             raise ValueError(
                 "pi_old from the training forward needs learner.n_minibatches 1 (got "
                 f"{self.cfg.n_minibatches}) and algorithm.traj_filter in {STATELESS_TRAJ_FILTERS} (got "

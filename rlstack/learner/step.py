@@ -33,6 +33,12 @@ SUMMED = ("actor/loss", "actor/pg_loss")
 STATELESS_TRAJ_FILTERS = ("fixed", "off")
 
 
+def old_logp_from_forward_is_exact(n_minibatches: int, algo_cfg: AlgorithmConfig) -> bool:
+    """Whether pi_old may come from the training forward: one optimizer step per train step (none has run
+    when pi_old is read) and a trajectory filter that can be applied per micro-batch."""
+    return n_minibatches == 1 and algo_cfg.traj_filter in STATELESS_TRAJ_FILTERS
+
+
 class Reducer(Protocol):
     """Collectives over the data-parallel group (in place on float64 CPU tensors)."""
 
