@@ -58,7 +58,9 @@ def apply_neox_rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, t
 
     x: (B, H, T, D); positions: (B, T).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    # on the positions' device: a CPU inv_freq times CUDA positions is a device mismatch
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, rotary_dim/2)
     cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, rotary_dim/2)
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]

@@ -124,3 +124,14 @@ def test_backbone_takes_hf_keywords_and_exposes_last_hidden_state(model: Step3p5
         assert out.last_hidden_state is hidden and len(stats) == 3
         logits = model(input_ids=ids, attention_mask=attn).logits
     torch.testing.assert_close(model.lm_head(out.last_hidden_state), logits, rtol=0, atol=0)
+
+
+def test_rope_builds_its_frequencies_on_the_positions_device() -> None:
+    """On a GPU the positions are CUDA tensors: RoPE's frequencies must be made there, not on the CPU (a 1-D
+    CPU tensor times a CUDA tensor is a device error). The meta device shows the same mismatch on a CPU."""
+    from rlstack.model.modeling import apply_neox_rope
+
+    x = torch.empty(1, 2, 3, 8, device="meta")  # (B, H, T, D)
+    positions = torch.zeros(1, 3, dtype=torch.long, device="meta")
+    out = apply_neox_rope(x, positions, rotary_dim=4, theta=10000.0)
+    assert out.device.type == "meta" and out.shape == x.shape
