@@ -12,7 +12,7 @@ rewarded by rlstack's `math` reward (TRL-compatible), fp32, on 2 cores:
 - TRL 1.16 `GRPOTrainer`, the way a user runs it on CPU: torch threads = 2, generation by transformers
   `generate`, `GRPOConfig(per_device_train_batch_size=64, gradient_accumulation_steps=samples // 64,
   num_generations=8, max_completion_length=tokens, generation_kwargs={"min_new_tokens": tokens},
-  learning_rate=3e-4, bf16=False, gradient_checkpointing=False, use_cpu=True, shuffle_dataset=False,
+  learning_rate=1.5e-4, bf16=False, gradient_checkpointing=False, use_cpu=True, shuffle_dataset=False,
   use_vllm=False)`, other fields default (beta=0, loss_type default, generation_batch_size = one step's
   samples: one generation and one optimizer step per step). bf16=False: fp32 like rlstack (and TRL's CPU
   bf16 autocast breaks our MoE's index_add_). gradient_checkpointing=False: our model does not support it.
@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 GROUP = 8  # completions per prompt (num_generations)
 MICRO_BATCH = 64  # TRL per_device_train_batch_size = rlstack learner.micro_batch_size
-LEARNING_RATE = 3e-4  # configs/demo.yaml learner.lr
+LEARNING_RATE = 1.5e-4  # configs/demo.yaml learner.lr
 CORES = 2
 
 
