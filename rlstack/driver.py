@@ -129,18 +129,25 @@ class Trainer:
         before = self.evaluate() if self.step_index == 0 else None
         if before:
             self.sink.log(0, {f"eval/{k}": v for k, v in before.items()})
-        every = self.cfg.trainer.checkpoint_every
+        every, eval_every = self.cfg.trainer.checkpoint_every, self.cfg.trainer.eval_every
+        after: dict[str, float] | None = None  # the evaluation of the current step, once made
+        final: Path | None = None  # the checkpoint of the current step, once saved
         with TrainProgress(self.cfg.trainer.steps, self.step_index, enabled=progress) as bar:
             while self.step_index < self.cfg.trainer.steps:
                 metrics = self.step()
+                after = final = None
                 bar.update(self.step_index, metrics)
                 if every and self.step_index % every == 0:
-                    self.save_checkpoint()
-                if self.cfg.trainer.eval_every and self.step_index % self.cfg.trainer.eval_every == 0:
-                    self.sink.log(self.step_index, {f"eval/{k}": v for k, v in self.evaluate().items()})
-        after = self.evaluate()
-        self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
-        final = self.save_checkpoint()
+                    final = self.save_checkpoint()
+                if eval_every and self.step_index % eval_every == 0:
+                    after = self.evaluate()
+                    self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
+        # the last step's periodic evaluation and checkpoint, if any, are the final ones: not made twice
+        if after is None:
+            after = self.evaluate()
+            self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
+        if final is None:
+            final = self.save_checkpoint()
         return {"before": before, "after": after, "checkpoint": str(final)}
 
     # ---- stages ----------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
-    config = tiny_run(tmp_path / "whole", trainer={"steps": 6, "checkpoint_every": 3})
+    config = tiny_run(tmp_path / "whole", trainer={"steps": 6, "checkpoint_every": 3, "eval_every": 3})
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = os.environ | {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONPATH": str(Path(__file__).parent)}
@@ -94,6 +94,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) ->
         [*cli, "train", str(config_path), "--no-progress"], check=True, env=env, capture_output=True
     )
     whole = {r["step"]: r for r in read_metrics(tmp_path / "whole") if "actor/loss" in r}
+    # the step-6 evaluation is also the final one: made (and logged) once
+    evals = [r["step"] for r in read_metrics(tmp_path / "whole") if "eval/greedy_accuracy" in r]
+    assert evals == [0, 3, 6]
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
