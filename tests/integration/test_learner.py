@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import time
 from pathlib import Path
 
@@ -13,16 +12,14 @@ import psutil
 import pytest
 import ray
 import torch
+from learner_batches import ALGO, make_batch
 from safetensors import safe_open
 
-from rlstack.learner import LearnerConfig, LearnerGroup, PolicyBatch, collate
-from rlstack.mispo import AlgorithmConfig, compute_advantages
+from rlstack.learner import LearnerConfig, LearnerGroup
 from rlstack.model import Step3p5ForCausalLM
-from rlstack.types import Rollout
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
-ALGO = AlgorithmConfig(name="mispo", traj_filter="off", token_band=(0.3, 3.0))  # rejects some tokens
 TOL = 1e-5
 # Adam moves a weight by ~lr * g / (|g| + eps): with eps 1e-8 the few weights whose gradient is ~1e-8 move by
 # summation-order noise (measured up to 1.6e-5 between 1 and 2 ranks, 5.6e-6 between micro-batch sizes on
@@ -68,28 +65,6 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield state
     ray.shutdown()
-
-
-def make_batch(n: int, seed: int) -> PolicyBatch:
-    """n ragged rollouts (tool spans in some), groups of 4, rollout log-probs near a uniform policy."""
-    rng = random.Random(seed)
-    rollouts = []
-    for i in range(n):
-        prompt = [1] + [rng.randrange(4, 128) for _ in range(rng.randrange(1, 8))]
-        response = [rng.randrange(4, 128) for _ in range(rng.randrange(1, 20))]
-        mask = [1] * len(response)
-        if i % 3 == 2 and len(response) > 3:
-            mask[1:3] = [0, 0]
-        rollouts.append(
-            Rollout(
-                prompt_id=f"p{i // 4}", prompt_ids=prompt, response_ids=response,
-                response_logprobs=[-4.8 + rng.gauss(0.0, 0.6) for _ in response], response_mask=mask,
-                finish_reason="stop", version=0, reward=float(rng.random() < 0.5),
-            )
-        )  # fmt: skip
-    batch = collate(rollouts, pad_id=0)
-    adv, _ = compute_advantages(ALGO, batch.rewards, batch.loss_mask, group_ids=batch.group_ids)
-    return batch.replace(advantages=adv)
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = TOL) -> float:

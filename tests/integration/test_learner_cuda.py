@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,18 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from learner_batches import ALGO, make_batch
 
-from rlstack.learner import LearnerConfig, LearnerWorker, PolicyBatch, collate, token_logprobs
-from rlstack.mispo import AlgorithmConfig, compute_advantages
+from rlstack.learner import LearnerConfig, LearnerWorker, PolicyBatch, token_logprobs
 from rlstack.model import Step3p5ForCausalLM
-from rlstack.types import Rollout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.deepspeed]
 
 BACKEND, DEVICE = "nccl", torch.device("cuda", 0)
 DEVICE_TYPE = DEVICE.type
 STAGES = [2, 3]
-ALGO = AlgorithmConfig(name="mispo", traj_filter="off", token_band=(0.3, 3.0))  # as in test_learner.py
 # eps 1e-6 as in test_learner.py: Adam turns summation-order noise in gradients near 0 into ~1e-5 weight moves
 # with eps 1e-8; 1e-6 damps that, so two engines continuing from one checkpoint agree to TOL.
 CFG = {"micro_batch_size": 4, "lr": 1e-3, "adam_eps": 1e-6}
@@ -55,29 +52,6 @@ def require_cuda() -> None:
         "(scripts/test.sh: -m 'not slow and not gpu'); run it on a GPU machine with `-m gpu` "
         "(scripts/gpu_check.sh)."
     )
-
-
-def make_batch(n: int, seed: int) -> PolicyBatch:
-    """n ragged rollouts (tool spans in some), groups of 4, group advantages. The same data as
-    test_learner.py's `make_batch`, which cannot be imported here: that module imports Ray."""
-    rng = random.Random(seed)
-    rollouts = []
-    for i in range(n):
-        prompt = [1] + [rng.randrange(4, 128) for _ in range(rng.randrange(1, 8))]
-        response = [rng.randrange(4, 128) for _ in range(rng.randrange(1, 20))]
-        mask = [1] * len(response)
-        if i % 3 == 2 and len(response) > 3:
-            mask[1:3] = [0, 0]
-        rollouts.append(
-            Rollout(
-                prompt_id=f"p{i // 4}", prompt_ids=prompt, response_ids=response,
-                response_logprobs=[-4.8 + rng.gauss(0.0, 0.6) for _ in response], response_mask=mask,
-                finish_reason="stop", version=0, reward=float(rng.random() < 0.5),
-            )
-        )  # fmt: skip
-    batch = collate(rollouts, pad_id=0)
-    adv, _ = compute_advantages(ALGO, batch.rewards, batch.loss_mask, group_ids=batch.group_ids)
-    return batch.replace(advantages=adv)
 
 
 def train(worker: LearnerWorker, batch: PolicyBatch) -> dict[str, float]:
