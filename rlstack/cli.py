@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from rlstack.config import BuilderName, ConfigError, RunConfig, dump_config, load_config
+from rlstack.config import (
+    BuilderName,
+    ConfigError,
+    RunConfig,
+    check_resume_config,
+    dump_config,
+    load_config,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +26,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except ConfigError as e:
+    except Exception as e:
+        if not isinstance(e, user_error_types()):
+            raise  # a bug, not a user mistake: keep the traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The errors that mean the user's config, data or reward plugins are wrong (one line, exit 2).
+
+    DataError and RewardError are taken from sys.modules: neither can be raised before its module is
+    loaded, and importing them here would load the reward plugins before the config is parsed.
+    """
+    types: list[type[Exception]] = [ConfigError]
+    for module, name in (("rlstack.data.sources", "DataError"), ("rlstack.rewards.registry", "RewardError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
 
     p = sub.add_parser(
-        "config", help="validate a config (+ key=value overrides) and print or save it resolved"
+        "config",
+        help="validate a config (+ key=value overrides), its rewards and its data file; print or save it "
+        "resolved",
     )
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
@@ -43,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint; refused if the config differs from "
+        "RUN_DIR/config.resolved.yaml, except trainer.steps (raise it to extend a run; settings derived "
+        "from it, such as an unset learner.lr_decay_steps, still count)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: go on with a changed config (the differences are printed)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(handler=cmd_train)
@@ -86,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_config(args: argparse.Namespace) -> int:
     config: RunConfig = load_config(args.config, args.overrides)
+    from rlstack.data.sources import load_split
+    from rlstack.rewards.registry import validate_specs
+
+    validate_specs(config.rewards)  # names, import paths and options resolve
+    if config.data.path is not None:  # a bad row or column mapping fails here, not after Ray starts
+        load_split(config.data, "train")
     if args.out:
         dump_config(config, Path(args.out) / "config.resolved.yaml")
         print(f"wrote {Path(args.out) / 'config.resolved.yaml'}")
@@ -97,12 +136,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rlstack.driver import Trainer
-
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"trainer.run_dir={args.resume}")
+    elif args.allow_config_change:
+        raise ConfigError("--allow-config-change only applies with --resume RUN_DIR")
     config: RunConfig = load_config(args.config, overrides)
+    if args.resume:
+        changes = check_resume_config(Path(args.resume), config, args.allow_config_change)
+        if changes:
+            print(
+                f"--allow-config-change: resuming {args.resume} with a changed config:\n  "
+                + "\n  ".join(changes),
+                file=sys.stderr,
+            )
+
+    from rlstack.driver import Trainer
+
     with Trainer(config, resume=bool(args.resume)) as trainer:
         result = trainer.fit(progress=not args.no_progress)
     print_eval_table(result["before"], result["after"])
@@ -119,7 +169,28 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    """`path` if it is an HF checkpoint directory (config.json and weights), else a one-line ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path}: no such file or directory")
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {path}: not a directory; expected an HF checkpoint directory")
+    hint = ""
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():  # a run directory
+        step = latest.with_name(latest.read_text().strip())
+        hint = f"; this is a run directory, its latest checkpoint is {step}"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"checkpoint {path}: no config.json, so not an HF checkpoint directory{hint}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"checkpoint {path}: no weights (*.safetensors or *.bin) next to config.json{hint}")
+    return path
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_checkpoint(args.checkpoint)  # before transformers and vLLM load
+
     from transformers import AutoTokenizer
 
     from rlstack.data.sources import load_split

@@ -7,6 +7,7 @@ key and what is allowed. Nothing here imports torch, so a bad config fails in we
 
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,16 @@ class ModelConfig(StrictModel):
     """Architecture preset used when `path` is None (see rlstack.model.builders)."""
     init_seed: int = 0
     """Seed of the random initialisation when building a fresh model."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter dtype for rollout and learner. Keep float32 on CPU: bf16 log-probs differ by up to
-    3.5 nats from fp32, which would swamp the MIS-PO ratios."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError(
+                "model.dtype moved: set rollout.dtype (the vLLM engines) and learner.dtype (the DeepSpeed "
+                "learner) instead"
+            )
+        return data
 
 
 class TrainerConfig(StrictModel):
@@ -120,6 +128,15 @@ class RunConfig(StrictModel):
                 "rollout.weight_sync 'nccl' broadcasts from the learner's rank-0 GPU, but learner.backend "
                 "is 'gloo' (CPU); set learner.backend 'nccl' or 'auto', or weight_sync 'gloo'/'object_store'"
             )
+        if self.rollout.sampling.temperature == 0.0:
+            raise ValueError(
+                "rollout.sampling.temperature = 0 is greedy decoding, not a distribution the policy gradient "
+                "can use; set a temperature > 0 (1.0 samples the policy itself)"
+            )
+        if self.learner.lr_schedule != "constant" and self.learner.lr_decay_steps is None:
+            # decay over the whole run: one optimizer step per mini-batch per RL step
+            total = max(self.trainer.steps * self.learner.n_minibatches, self.learner.warmup_steps + 1)
+            self.learner.lr_decay_steps = total
         critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
         if critic_advantage != critic_on:
             raise ValueError(
@@ -213,3 +230,54 @@ def dump_config(config: BaseModel, path: str | Path) -> None:
     """Write the resolved config (defaults filled in) so a run directory says exactly what ran."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> list[str]:
+    """Differences between `cfg` and the config the run in `run_dir` wrote (`config.resolved.yaml`), as
+    lines `dotted.key: old -> new`; a ConfigError listing them if there are any and not `allow_change`.
+
+    `trainer.run_dir` is not compared (it names the directory, not the run), nor `trainer.steps`:
+    raising it is how a finished run is extended. Anything derived from it still counts.
+    """
+    path = Path(run_dir) / "config.resolved.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: no config.resolved.yaml there, so no run was started in it; to start a "
+            f"new run there, drop --resume and set trainer.run_dir={run_dir}"
+        )
+    try:
+        old = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's resolved config ({e})") from None
+
+    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+        """Dotted key -> value; lists of sections (rewards) by index, other lists as one value."""
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, list) and any(isinstance(x, dict) for x in node):
+            items = enumerate(node)
+        else:
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in items:
+            out |= leaves(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+
+    def show(node: dict[str, Any], key: str) -> str:
+        return json.dumps(node[key]) if key in node else "<absent>"
+
+    before, after = leaves(old or {}), leaves(cfg.model_dump(mode="json"))
+    ignored = ("trainer.run_dir", "trainer.steps")
+    keys = [*before, *(k for k in after if k not in before)]
+    changes = [
+        f"{key}: {show(before, key)} -> {show(after, key)}"
+        for key in keys
+        if key not in ignored and (key not in before or key not in after or before[key] != after[key])
+    ]
+    if changes and not allow_change:
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the one this run was started with ({path}):\n  "
+            + "\n  ".join(changes)
+            + "\nresume with the original config, or pass --allow-config-change to go on with the new one"
+        )
+    return changes

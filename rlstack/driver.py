@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlstack.config import RunConfig, dump_config
+from rlstack.config import ConfigError, RunConfig, dump_config
 from rlstack.types import Rollout
 
 CHECKPOINTS = "checkpoints"
@@ -29,37 +29,59 @@ DRIVER_STATE = "driver_state.pt"
 
 @dataclass
 class Submitted:
-    """Prompts whose generation was submitted (and not yet trained on): part of the resumable state."""
+    """Prompts whose generation was submitted (and not yet trained on): part of the resumable state.
+
+    A checkpoint waits for the generation in flight to finish and saves the finished `rollouts`, token
+    versions and log-probs included, so a resumed run trains on exactly what the uninterrupted run would
+    have (same tokens, same staleness), instead of regenerating them with the restored policy."""
 
     rows: list[dict[str, Any]]
     step: int  # the step whose sampling seed generates them
-    pending: Any = None  # rollout.group.PendingRollouts; None after a resume until resubmitted
+    pending: Any = None  # rollout.group.PendingRollouts while generating
+    rollouts: list[Rollout] | None = None  # the finished generation (after a checkpoint or a resume)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, allow_config_change: bool = False) -> None:
         from transformers import AutoTokenizer
 
+        from rlstack.config import check_resume_config
         from rlstack.data.sources import PromptSource, load_split
         from rlstack.learner import LearnerGroup
+        from rlstack.learner.logprobs import SamplingTransform
         from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
         from rlstack.mispo import MISFilter
         from rlstack.rewards.group import RewardGroup
+        from rlstack.rewards.registry import validate_specs
         from rlstack.rollout.group import RolloutGroup
 
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.run_dir / "config.resolved.yaml")
-        self._owns_ray = init_ray(cfg)
+        # Bad input fails here, with a name, before Ray, any actor or the run directory's files exist.
         resume_from = latest_checkpoint(self.run_dir) if resume else None
-        policy = resume_from or initial_policy(cfg, self.run_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(policy)
+        if resume and resume_from is None:
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint there (no checkpoints/latest)")
+        if resume_from is not None:
+            check_resume_config(self.run_dir, cfg, allow_config_change)
+        validate_specs(cfg.rewards)
         self.source = PromptSource.from_config(cfg.data)
         self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.resolved.yaml")
+        initial = initial_policy(cfg, self.run_dir)
+        policy = resume_from or initial
+        self.tokenizer = AutoTokenizer.from_pretrained(policy)
+        self._owns_ray = init_ray(cfg)
         self.rewards = RewardGroup(cfg.rewards, cfg.reward_workers)
         self.mis_filter = MISFilter(cfg.algorithm)
-        self.learner = LearnerGroup(policy, cfg.learner)
+        self.learner = LearnerGroup(
+            policy,
+            cfg.learner,
+            # the KL reference is the run's initial policy, also when resuming from a later checkpoint
+            reference_path=initial if cfg.algorithm.kl_coef > 0.0 else None,
+            transform=SamplingTransform.from_sampling(cfg.rollout.sampling),
+        )
         self.step_index = 0
         self.queue: deque[Submitted] = deque()
         if resume_from is not None:
@@ -80,13 +102,24 @@ class Trainer:
     def step(self) -> dict[str, float]:
         from rlstack.learner import collate
         from rlstack.mispo import compute_advantages
+        from rlstack.staleness import enforce_staleness
 
         timer = StageTimer()
         with timer("generate"):
             rollouts, generated_at = self._next_rollouts()
+        # The staleness rule, at training time: nothing older than max_staleness updates ever trains.
+        rollouts, stale, staleness_metrics = enforce_staleness(
+            rollouts, self.learner.version, self.max_staleness
+        )
+        if not rollouts:
+            raise RuntimeError(
+                f"step {self.step_index + 1}: all {len(stale)} rollouts are more than {self.max_staleness} "
+                "updates old; nothing may train (the rollout queue should make this impossible)"
+            )
         with timer("score"):
             reward_metrics, reward_info = self._score(rollouts)
-        batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id)
+        # Unscored samples (no reward applied) leave the loss, the filters and their group's statistics.
+        batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id).without_unscored()
         fused = self._old_logp_from_train_forward()
         if not fused:
             with timer("old_logprobs"):
@@ -94,7 +127,7 @@ class Trainer:
         values = None
         if self.cfg.algorithm.advantage == "critic":
             with timer("values"):
-                values = self.learner.compute_values(batch)  # (B, L) V(s_t), aligned like old_logp
+                values = self.learner.compute_values(batch)  # (B, L + 1) V(s_t), aligned like old_logp
         if not fused:
             batch = batch.replace(filter=self._filter(batch.old_logp, batch))
         advantages, returns = compute_advantages(
@@ -116,7 +149,7 @@ class Trainer:
         with timer("sync"):
             sync_metrics = self._sync_weights()
         self.step_index += 1
-        metrics = {**reward_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
+        metrics = {**reward_metrics, **staleness_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
         self.sink.log(self.step_index, metrics)
         self._save_samples(rollouts, batch, reward_info)
@@ -152,30 +185,33 @@ class Trainer:
 
     # ---- stages ----------------------------------------------------------------------------------
 
+    @property
+    def max_staleness(self) -> int:
+        """The staleness bound k: `trainer.max_staleness` in async mode, 0 in sync mode."""
+        return self.cfg.trainer.max_staleness if self.cfg.trainer.mode == "async" else 0
+
     def _next_rollouts(self) -> tuple[list[Rollout], int]:
         """Sync: submit and wait. Async: keep 1 + k batches submitted; take the oldest."""
-        depth = 1 + (self.cfg.trainer.max_staleness if self.cfg.trainer.mode == "async" else 0)
-        for item in self.queue:  # after a resume the saved queue has to be submitted again
-            if item.pending is None:
-                item.pending = self._submit(item.rows, item.step)
+        depth = 1 + self.max_staleness
         while len(self.queue) < depth:
             step = self.step_index + len(self.queue)
             rows = self.source.next_batch(self.cfg.trainer.prompts_per_step)
             self.queue.append(Submitted(rows, step, self._submit(rows, step)))
         item = self.queue.popleft()
-        rollouts = self.rollout.collect(item.pending)
-        return rollouts, item.step
+        return self._finished(item), item.step
+
+    def _finished(self, item: Submitted) -> list[Rollout]:
+        """The item's rollouts, waiting for its generation if it is still in flight."""
+        if item.rollouts is None:
+            item.rollouts = self.rollout.collect(item.pending)
+            item.pending = None
+        return item.rollouts
 
     def _submit(self, rows: list[dict[str, Any]], step: int) -> Any:
-        from rlstack.rollout.worker import Prompt
+        from rlstack.data.prompts import rollout_prompt
 
         prompts = [
-            Prompt(
-                prompt_id=f"{step}:{i}:{row['prompt_id']}",
-                text=render_prompt(self.tokenizer, row["prompt"]),
-                columns={k: v for k, v in row.items() if k not in ("prompt", "prompt_id")},
-            )
-            for i, row in enumerate(rows)
+            rollout_prompt(self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}") for i, r in enumerate(rows)
         ]
         # A seed per step: a resumed run samples exactly what the original would have.
         sampling = self.cfg.rollout.sampling.model_copy(
@@ -200,11 +236,14 @@ class Trainer:
     def _score(self, rollouts: list[Rollout]) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Rewards onto the rollouts; returns metrics and each sample's reward details (for samples/)."""
         result = score_rollouts(self.rewards, rollouts)
-        for rollout, reward in zip(rollouts, result.total, strict=True):
-            rollout.reward = 0.0 if reward is None else float(reward)
-        rewards = torch.tensor([r.reward for r in rollouts])
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()}
-        metrics["reward/accuracy"] = (rewards > 0.5).float().mean().item()
+        info = [
+            {label: details[i] for label, details in (result.info or {}).items() if details[i] is not None}
+            for i in range(len(rollouts))
+        ]
+        for rollout, reward, details in zip(rollouts, result.total, info, strict=True):
+            rollout.reward = None if reward is None else float(reward)
+            rollout.unscored_reason = unscored_reason(details) if reward is None else None
+        metrics = reward_summary([r.reward for r in rollouts])
         for label, values in result.per_reward.items():
             applied = [v for v in values if v is not None]
             metrics[f"reward/{label}"] = sum(applied) / len(applied) if applied else float("nan")
@@ -213,10 +252,6 @@ class Trainer:
             metrics[f"reward/{label}_timeouts"] = float(result.timeouts.get(label, 0))
         metrics["reward/cache_hits"] = float(result.cache_hits)
         metrics["reward/workers_restarted"] = float(result.workers_restarted)
-        info = [
-            {label: details[i] for label, details in (result.info or {}).items() if details[i] is not None}
-            for i in range(len(rollouts))
-        ]
         return metrics, info
 
     def _sync_weights(self) -> dict[str, float]:
@@ -242,11 +277,14 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         path = self.run_dir / CHECKPOINTS / f"step_{self.step_index}"
         self.learner.save_checkpoint(path)
+        # Generation in flight is finished first, and the finished rollouts are saved with their token
+        # versions: the resumed run trains on exactly these, as the uninterrupted run does.
+        queue = [(item.rows, item.step, self._finished(item)) for item in self.queue]
         state = {
             "step": self.step_index,
             "source": self.source.state_dict(),
             "mis_filter": self.mis_filter.state_dict(),
-            "queue": [(item.rows, item.step) for item in self.queue],
+            "queue": queue,
         }
         torch.save(state, path / "trainer_state" / DRIVER_STATE)
         (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
@@ -258,7 +296,7 @@ class Trainer:
         self.step_index = state["step"]
         self.source.load_state_dict(state["source"])
         self.mis_filter.load_state_dict(state["mis_filter"])
-        self.queue = deque(Submitted(rows, step) for rows, step in state["queue"])
+        self.queue = deque(Submitted(rows, step, rollouts=rollouts) for rows, step, rollouts in state["queue"])
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
 
     def _save_samples(self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]]) -> None:
@@ -269,12 +307,16 @@ class Trainer:
                     "step": self.step_index,
                     "prompt_id": rollout.prompt_id,
                     "version": rollout.version,
+                    "oldest_version": rollout.oldest_version,
+                    "staleness": rollout.staleness(self.step_index - 1),
                     "prompt": rollout.prompt_text,
                     "response": rollout.response_text,
                     "reward": rollout.reward,
                     "finish_reason": rollout.finish_reason,
                     "traj_accepted": bool(accepted),
                 }
+                if rollout.reward is None:
+                    record["unscored_reason"] = rollout.unscored_reason
                 if info:
                     record["reward_info"] = info
                 f.write(json.dumps(record, default=str) + "\n")
@@ -322,6 +364,31 @@ class StageTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
 
 
+def unscored_reason(details: dict[str, Any]) -> str:
+    """Why a sample has no reward, from its per-reward details: the plugins' errors and time-outs, or
+    that no configured reward applies to it."""
+    reasons = [
+        f"{label}: {d['error'] if 'error' in d else 'timeout: ' + str(d['timeout'])}"
+        for label, d in details.items()
+        if isinstance(d, dict) and ("error" in d or "timeout" in d)
+    ]
+    return "; ".join(reasons) if reasons else "no configured reward applies (every reward returned None)"
+
+
+def reward_summary(rewards: list[float | None]) -> dict[str, float]:
+    """Reward metrics over the SCORED samples (`reward/mean`, `reward/std`, `reward/accuracy`: > 0.5), and
+    the unscored ones counted on their own (`reward/unscored`, `reward/unscored_frac`), never as wrong."""
+    scored = torch.tensor([r for r in rewards if r is not None], dtype=torch.float64)  # (S,)
+    n = len(rewards)
+    return {
+        "reward/mean": scored.mean().item() if len(scored) else float("nan"),
+        "reward/std": scored.std().item() if len(scored) > 1 else float("nan"),
+        "reward/accuracy": (scored > 0.5).double().mean().item() if len(scored) else float("nan"),
+        "reward/unscored": float(n - len(scored)),
+        "reward/unscored_frac": (n - len(scored)) / max(n, 1),
+    }
+
+
 def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_step: int) -> dict[str, float]:
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
     return {
@@ -334,19 +401,37 @@ def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_ste
 
 
 def score_rollouts(rewards: Any, rollouts: list[Rollout]) -> Any:
-    """Call a RewardGroup or RewardCombiner TRL-style: prompts, completions, each column as a list."""
-    columns = sorted({k for r in rollouts for k in r.columns})
+    """Call a RewardGroup or RewardCombiner as TRL's GRPOTrainer calls reward functions: `prompts` (each
+    row's original prompt: the string, or a conversational row's message list), `completions` (the text, or
+    `[{"role": "assistant", "content": text}]` for a conversational prompt), `completion_ids` (the response
+    token ids) and every other column as a keyword list (a column named like one of these is left out, as
+    TRL leaves out `completion_ids`). The prompt ids go in `sample_ids`, which only name failed samples.
+    No `trainer_state` (see rlstack.rewards.registry): a score depends on the sample alone."""
+    from rlstack.data.prompts import is_conversational, reward_prompt
+    from rlstack.rewards.registry import CALL_ARGS
+
+    pairs = [reward_prompt(r.columns, r.prompt_text) for r in rollouts]
+    prompts = [prompt for prompt, _ in pairs]
+    completions = [
+        [{"role": "assistant", "content": r.response_text}] if is_conversational(p) else r.response_text
+        for r, p in zip(rollouts, prompts, strict=True)
+    ]
+    reserved = {*CALL_ARGS, "sample_ids"}
+    names = sorted({k for _, columns in pairs for k in columns if k not in reserved})
     return rewards(
-        [r.prompt_text for r in rollouts],
-        [r.response_text for r in rollouts],
-        **{k: [r.columns.get(k) for r in rollouts] for k in columns},
+        prompts,
+        completions,
+        completion_ids=[list(r.response_ids) for r in rollouts],
+        sample_ids=[r.prompt_id for r in rollouts],
+        **{k: [columns.get(k) for _, columns in pairs] for k in names},
     )
 
 
-def render_prompt(tokenizer: Any, user_text: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
-    )
+def render_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> str:
+    """`rlstack.data.prompts.render_prompt` (where prompt rendering lives), kept here for existing callers."""
+    from rlstack.data import prompts
+
+    return prompts.render_prompt(tokenizer, prompt)
 
 
 def init_ray(cfg: RunConfig) -> bool:

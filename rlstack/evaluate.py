@@ -19,17 +19,12 @@ class Generator(Protocol):
 def accuracy(
     generator: Generator, tokenizer: Any, rewards: Any, rows: list[dict[str, Any]], cfg: RunConfig
 ) -> dict[str, float]:
-    """Fraction of responses the first configured reward scores as correct (> 0.5)."""
-    from rlstack.driver import render_prompt, score_rollouts
+    """Fraction of the scored responses the first configured reward scores as correct (> 0.5), per mode,
+    and how many responses it could not score (`<mode>_unscored`: plugin error or time-out)."""
+    from rlstack.data.prompts import rollout_prompt
+    from rlstack.driver import score_rollouts
 
-    prompts = [
-        Prompt(
-            prompt_id=f"eval:{row['prompt_id']}",
-            text=render_prompt(tokenizer, row["prompt"]),
-            columns={k: v for k, v in row.items() if k not in ("prompt", "prompt_id")},
-        )
-        for row in rows
-    ]
+    prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}") for row in rows]
     max_tokens = cfg.rollout.sampling.max_tokens
     modes = {
         "greedy": SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens),
@@ -41,5 +36,8 @@ def accuracy(
     out = {"num_problems": float(len(rows))}
     for mode, sampling in modes.items():
         scores = score_rollouts(rewards, generator.generate(prompts, sampling)).per_reward[label]
-        out[f"{mode}_accuracy"] = sum(1.0 for s in scores if s is not None and s > 0.5) / len(scores)
+        scored = [s for s in scores if s is not None]
+        # unscored responses (the verifier failed or timed out) are reported apart, never counted wrong
+        out[f"{mode}_accuracy"] = sum(1.0 for s in scored if s > 0.5) / len(scored) if scored else float("nan")
+        out[f"{mode}_unscored"] = float(len(scores) - len(scored))
     return out

@@ -20,7 +20,8 @@ class DataConfig(StrictModel):
     without `task` clears this default."""
     path: str | None = None
     """A prompt file or dataset: `*.jsonl` / `*.json` (JSON Lines), `*.parquet`, or a directory written by
-    `datasets.Dataset.save_to_disk`."""
+    `datasets.Dataset.save_to_disk`. A row's prompt is a string or, as in TRL's conversational datasets, a
+    list of {"role", "content"} messages (rendered with the policy's chat template)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Row field -> column in the file, e.g. {prompt: question, answer: final}. Fields: prompt, answer,
     solution, prompt_id; unmapped fields are read from the column of the same name, if present."""

@@ -1,8 +1,10 @@
 """Prompt sources: files and datasets (through `datasets` / pyarrow) or the built-in task generators, and
 `PromptSource`, the endless, checkpointable stream of training rows the driver draws batches from.
 
-A row is a dict {"prompt_id", "prompt", "answer", "solution", "task", ...}: `answer` and `solution` may be
-None for files; any other column of the file rides along (reward functions receive it as a keyword).
+A row is a dict {"prompt_id", "prompt", "answer", "solution", "task", ...}: `prompt` is a string or, as in
+TRL's conversational datasets, a list of {"role", "content"} messages (rlstack.data.prompts); `answer` and
+`solution` may be None for files; any other column of the file rides along (reward functions receive it as
+a keyword).
 A malformed row is an error naming the file and the row (1-based line for JSON Lines), never a silently
 empty prompt.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlstack.data.config import ROW_FIELDS, DataConfig
+from rlstack.data.prompts import message_list_problem, prompt_key
 from rlstack.data.tasks import Split, generate_rows
 
 DEFAULT_TASK_TRAIN_SIZE = 10_000
@@ -90,8 +93,20 @@ def _row(
     record: Mapping[str, Any], mapping: dict[str, str], at: str, default_id: str, task: str
 ) -> dict[str, Any]:
     prompt = record.get(mapping["prompt"])
-    if not isinstance(prompt, str) or not prompt.strip():
-        what = "missing" if mapping["prompt"] not in record else f"not a non-empty string ({prompt!r:.60})"
+    if isinstance(prompt, list | tuple):  # a conversation, as in TRL's conversational datasets
+        prompt = [dict(m) if isinstance(m, Mapping) else m for m in prompt]
+        problem = message_list_problem(prompt)
+        if problem is not None:
+            raise DataError(
+                f"{at}: prompt column '{mapping['prompt']}': {problem}; a conversation is a list of "
+                '{"role": ..., "content": "..."} messages'
+            )
+    elif not isinstance(prompt, str) or not prompt.strip():
+        what = (
+            "missing"
+            if mapping["prompt"] not in record
+            else f"not a non-empty string or a list of messages ({prompt!r:.60})"
+        )
         hint = "" if mapping["prompt"] != "prompt" else "; map it with data.columns, e.g. {prompt: question}"
         raise DataError(f"{at}: prompt column '{mapping['prompt']}' is {what}{hint}")
     row: dict[str, Any] = {k: v for k, v in record.items() if k not in mapping.values()}
@@ -177,12 +192,12 @@ def load_split(cfg: DataConfig, split: Split) -> list[dict[str, Any]]:
     if cfg.heldout_path is not None:
         if split == "heldout":
             return load_rows(cfg.heldout_path, cfg.columns)[: cfg.heldout_size]
-        heldout = {r["prompt"] for r in load_rows(cfg.heldout_path, cfg.columns)}
+        heldout = {prompt_key(r["prompt"]) for r in load_rows(cfg.heldout_path, cfg.columns)}
     else:
         heldout = _heldout_prompts(rows, cfg.heldout_size)
         if split == "heldout":
-            return _first_per_prompt([r for r in rows if r["prompt"] in heldout])
-    train = [r for r in rows if r["prompt"] not in heldout]
+            return _first_per_prompt([r for r in rows if prompt_key(r["prompt"]) in heldout])
+    train = [r for r in rows if prompt_key(r["prompt"]) not in heldout]
     if not train:
         raise DataError(f"{cfg.path}: no training rows left after holding out {len(heldout)} prompts")
     return train[: cfg.train_size]
@@ -193,15 +208,16 @@ def _prompt_hash(prompt: str) -> str:
 
 
 def _heldout_prompts(rows: list[dict[str, Any]], size: int) -> set[str]:
-    """The `size` distinct prompts with the lowest hashes: a stable, order-independent choice."""
-    distinct = sorted({r["prompt"] for r in rows}, key=_prompt_hash)
+    """The `size` distinct prompts (by `prompt_key`) with the lowest hashes: a stable, order-independent
+    choice."""
+    distinct = sorted({prompt_key(r["prompt"]) for r in rows}, key=_prompt_hash)
     return set(distinct[:size])
 
 
 def _first_per_prompt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     first: dict[str, dict[str, Any]] = {}
     for r in rows:
-        first.setdefault(r["prompt"], r)
+        first.setdefault(prompt_key(r["prompt"]), r)
     return list(first.values())
 
 

@@ -31,8 +31,9 @@ _TOKEN_FIELDS = (
     "advantages",
     "ref_logp",
     "returns",
+    "token_versions",
 )
-_SEQ_FIELDS = ("rewards", "group_ids", "truncated", "versions")
+_SEQ_FIELDS = ("rewards", "group_ids", "truncated")
 _ALL_FIELDS = (*_TOKEN_FIELDS, *_SEQ_FIELDS)
 
 
@@ -47,12 +48,29 @@ class PolicyBatch:
     rewards: torch.Tensor  # (B,) float, NaN where the rollout has no reward yet
     group_ids: torch.Tensor  # (B,) long, equal for the samples of one prompt
     truncated: torch.Tensor  # (B,) bool, generation hit the length limit
-    versions: torch.Tensor  # (B,) long, policy version that sampled the row
+    token_versions: torch.Tensor  # (B, L) long, weights version that generated token t (0 off the response)
     old_logp: torch.Tensor | None = None  # (B, L) log pi_old (learner recompute), 0 off the loss mask
     advantages: torch.Tensor | None = None  # (B, L) A_t, 0 off the loss mask
     ref_logp: torch.Tensor | None = None  # (B, L) log pi_ref, only for the KL penalty
     filter: FilterResult | None = None  # the step's MIS filter output for these rows, (B, L) masks
     returns: torch.Tensor | None = None  # (B, L) critic targets R_t, 0 off the loss mask (critic only)
+
+    def oldest_versions(self) -> torch.Tensor:
+        """(B,) long: the oldest weights version among each row's trained tokens (row max where it has
+        none, so an empty row never looks stale)."""
+        mask = self.loss_mask.bool()  # (B, L)
+        big = torch.iinfo(torch.long).max
+        oldest = torch.where(mask, self.token_versions, big).amin(-1)  # (B,)
+        return torch.where(mask.any(-1), oldest, self.token_versions.amax(-1))
+
+    def without_unscored(self) -> PolicyBatch:
+        """The same rows, with the loss mask of every unscored row (reward NaN: no reward applied) set to
+        0: such a sample trains nothing, counts in no loss denominator or filter statistic, and (with
+        `mispo.group_advantages`, which skips NaN rewards) stays out of its group's mean and std."""
+        scored = torch.isfinite(self.rewards)  # (B,)
+        if bool(scored.all()):
+            return self
+        return self.replace(loss_mask=self.loss_mask * scored[:, None].to(self.loss_mask.dtype))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -183,6 +201,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:
     attention_mask = torch.zeros(B, L, dtype=torch.long)
     loss_mask = torch.zeros(B, L, dtype=torch.float32)
     rollout_logp = torch.zeros(B, L, dtype=torch.float32)
+    token_versions = torch.zeros(B, L, dtype=torch.long)
     group_of: dict[str, int] = {}
     for b, r in enumerate(rollouts):
         p, n = len(r.prompt_ids), len(r.prompt_ids) + len(r.response_ids)
@@ -193,6 +212,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:
             loss_mask[b, p:n] = mask
             logp = torch.tensor(r.response_logprobs, dtype=torch.float32)  # (n - p,)
             rollout_logp[b, p:n] = torch.where(mask.bool(), logp, 0.0)
+            token_versions[b, p:n] = torch.tensor(r.response_versions, dtype=torch.long)
         group_of.setdefault(r.prompt_id, len(group_of))
     return PolicyBatch(
         input_ids=input_ids,
@@ -202,5 +222,5 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:
         rewards=torch.tensor([float("nan") if r.reward is None else r.reward for r in rollouts]),
         group_ids=torch.tensor([group_of[r.prompt_id] for r in rollouts], dtype=torch.long),
         truncated=torch.tensor([r.truncated for r in rollouts], dtype=torch.bool),
-        versions=torch.tensor([r.version for r in rollouts], dtype=torch.long),
+        token_versions=token_versions,
     )

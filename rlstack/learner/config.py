@@ -22,7 +22,7 @@ class CriticConfig(StrictModel):
     """Build and train the critic. `LearnerGroup.compute_values` and the `returns` of `train_step` need it."""
 
     lr: float | None = Field(None, gt=0.0)
-    """AdamW learning rate of the critic (constant); None uses `learner.lr`."""
+    """AdamW peak learning rate of the critic (same schedule as the policy); None uses `learner.lr`."""
 
     model_path: str | None = Field(None, min_length=1)
     """Checkpoint whose trunk (a Step3p5 causal LM without its LM head) starts the critic; None = the policy
@@ -55,7 +55,22 @@ class LearnerConfig(StrictModel):
     3 = + parameters (gathered on the fly; MoE blocks are gathered whole)."""
 
     lr: float = Field(3e-4, gt=0.0)
-    """AdamW learning rate (constant)."""
+    """AdamW peak learning rate (after warm-up; see `lr_schedule`)."""
+
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warm-up: `constant`, or decayed to `lr * min_lr_ratio` at optimizer step
+    `lr_decay_steps`, linearly or along a half cosine (rlstack.learner.schedule). The optimizer-step
+    counter is checkpointed, so a resumed run continues the schedule exactly."""
+
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up: step s < warmup_steps uses lr * (s + 1) / warmup_steps."""
+
+    lr_decay_steps: int | None = Field(None, ge=1)
+    """Optimizer step at which the decay reaches `lr * min_lr_ratio`; None = `trainer.steps *
+    n_minibatches` (the whole run), filled in by the run config."""
+
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Where `linear` and `cosine` decay end, as a fraction of `lr`."""
 
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW decoupled weight decay, applied to matrices only (norm weights and vectors are exempt)."""
@@ -69,6 +84,10 @@ class LearnerConfig(StrictModel):
 
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the global gradient 2-norm of each optimizer step to this value; 0 disables clipping."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the learner's model; 'bfloat16' also turns on DeepSpeed's bf16 mode (fp32 master
+    weights in the optimizer). Log-probs are computed in fp32 from the logits either way."""
 
     micro_batch_size: int = Field(8, ge=1)
     """Rows (sequences) per forward/backward pass on one rank; gradients accumulate across micro-batches."""
@@ -112,4 +131,9 @@ class LearnerConfig(StrictModel):
         b1, b2 = self.betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"learner.betas = ({b1}, {b2}): both must be in [0, 1), e.g. [0.9, 0.95]")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"learner.lr_decay_steps = {self.lr_decay_steps} must exceed warmup_steps = "
+                f"{self.warmup_steps} (decay starts after warm-up)"
+            )
         return self

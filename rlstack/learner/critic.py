@@ -50,7 +50,7 @@ class ValueModel(nn.Module):
         from rlstack.model import Step3p5ForCausalLM
 
         policy = Step3p5ForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(policy.model, head_seed)
+        return cls(policy.model, head_seed).to(dtype)  # the fresh head in the trunk's dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask (B, T) -> (B, T) fp32 values V(s_t); column 0 is 0."""

@@ -27,6 +27,7 @@ import torch
 
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import LearnerConfig
+from rlstack.learner.logprobs import SamplingTransform
 from rlstack.mispo import AlgorithmConfig
 
 # Environment the actors should share with the driver even when Ray's workers were started elsewhere
@@ -46,6 +47,9 @@ class LearnerGroup:
     """A data-parallel learner of `learner_cfg.num_ranks` Ray actors over the checkpoint at `model_path`.
 
     `run_env`: extra environment variables for the actors (set before DeepSpeed is imported there).
+    `reference_path`: the checkpoint of the frozen KL reference policy (the run's initial policy, also
+    after a resume); needed when `algorithm.kl_coef > 0`. `transform`: the sampling transformation
+    (temperature, top-k/top-p) the rollout engines sample under; every log-prob is computed under it.
     """
 
     def __init__(
@@ -53,6 +57,9 @@ class LearnerGroup:
         model_path: str | Path,
         learner_cfg: LearnerConfig,
         run_env: Mapping[str, str] | None = None,
+        *,
+        reference_path: str | Path | None = None,
+        transform: SamplingTransform | None = None,
     ) -> None:
         import ray
 
@@ -68,7 +75,12 @@ class LearnerGroup:
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | dict(run_env or {})
         actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=gpus)(LearnerWorker)
         n = learner_cfg.num_ranks
-        self.actors = [actor_cls.remote(str(model_path), learner_cfg, rank, n, env) for rank in range(n)]
+        ref = None if reference_path is None else str(reference_path)
+        self.has_reference = ref is not None
+        self.actors = [
+            actor_cls.remote(str(model_path), learner_cfg, rank, n, env, reference_path=ref, transform=transform)
+            for rank in range(n)
+        ]
         try:
             ips = ray.get([a.node_ip.remote() for a in self.actors], timeout=SETUP_TIMEOUT_S)
             # One node: loopback. Several: rank 0's node address. Rank 0 picks a port free on its node.
@@ -176,6 +188,11 @@ class LearnerGroup:
         import ray
 
         n_mini = self.cfg.n_minibatches
+        if algo_cfg.kl_coef > 0.0 and not self.has_reference and batch.ref_logp is None:
+            raise ValueError(
+                f"algorithm.kl_coef = {algo_cfg.kl_coef} needs the frozen reference policy: build the "
+                "LearnerGroup with reference_path= (the run's initial policy)"
+            )
         if n_mini > len(batch):
             raise ValueError(f"learner.n_minibatches = {n_mini} but the batch has only {len(batch)} rows")
         per_rank: list[list[PolicyBatch]] = [[] for _ in range(self.num_ranks)]
@@ -191,7 +208,7 @@ class LearnerGroup:
         )
         metrics = dict(results[0][0])
         self._version = int(metrics["learner/version"])
-        staleness = (versions_before - batch.versions).float()  # (B,)
+        staleness = (versions_before - batch.oldest_versions()).float()  # (B,)
         metrics |= {
             "batch/rows": float(len(batch)),
             "batch/staleness_mean": float(staleness.mean()),

@@ -24,11 +24,13 @@ import torch
 import torch.distributed as dist
 
 from rlstack.learner.batch import PolicyBatch
-from rlstack.learner.logprobs import score_tokens
+from rlstack.learner.logprobs import SamplingTransform, score_tokens
 from rlstack.mispo import AlgorithmConfig, compute_policy_loss
 
 # Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
 SUMMED = ("actor/loss", "actor/pg_loss")
+# Token counts: they add up over micro-batches, ranks and mini-batches.
+COUNTED = ("actor/signal_tokens", "actor/nonfinite_logp_tokens")
 # Trajectory filters that need no state across steps: one micro-batch's rows can be filtered on their own.
 STATELESS_TRAJ_FILTERS = ("fixed", "off")
 
@@ -193,6 +195,9 @@ def accumulate_minibatch(
     device: torch.device | None = None,
     old_from_forward: bool = False,
     old_logp_out: list[torch.Tensor] | None = None,
+    *,
+    ref_model: Callable[..., object] | None = None,
+    transform: SamplingTransform | None = None,
 ) -> MetricSums:
     """Forward/backward this rank's rows of one mini-batch into `sink`; returns this rank's metric sums
     (all-reduce them for the global numbers). Gradients afterwards are exactly those of the mini-batch
@@ -202,8 +207,17 @@ def accumulate_minibatch(
     separate forward pass, as TRL does with one iteration). Exact only before the train step's first
     optimizer step, so the caller must make this the step's only mini-batch. The MIS filter is then
     computed per micro-batch (stateless trajectory filters only). `old_logp_out` receives the real rows'
-    pi_old, (b, L) per micro-batch."""
+    pi_old, (b, L) per micro-batch.
+
+    `ref_model` (the frozen reference policy, needed when `algo_cfg.kl_coef > 0`) scores each micro-batch
+    for the KL term; `transform` is the sampling transformation (temperature, top-k/top-p) under which
+    every log-prob here (pi_theta, pi_old, pi_ref) is computed, the one the rollout engine sampled from."""
     check_trainable(shard, algo_cfg, old_from_forward)
+    if algo_cfg.kl_coef > 0.0 and ref_model is None and shard.ref_logp is None:
+        raise ValueError(
+            f"algorithm.kl_coef = {algo_cfg.kl_coef} needs the reference policy: build the learner with "
+            "a reference model (LearnerGroup(..., reference=True)) or put ref_logp into the batch"
+        )
     from_forward = shard.old_logp is None
     normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)
     micro = padded_micro_batches(shard, micro_batch_size, reducer)
@@ -212,7 +226,14 @@ def accumulate_minibatch(
     for i, mb in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
         mb = _to(mb.trim(), device or torch.device("cpu"))
-        scores = score_tokens(model, mb.input_ids, mb.attention_mask)
+        if algo_cfg.kl_coef > 0.0 and ref_model is not None:
+            with torch.no_grad():
+                ref = score_tokens(
+                    ref_model, mb.input_ids, mb.attention_mask, with_entropy=False, with_routing=False,
+                    transform=transform,
+                ).logp  # (b, l)
+            mb = mb.replace(ref_logp=ref)
+        scores = score_tokens(model, mb.input_ids, mb.attention_mask, transform=transform)
         if from_forward:
             mb = mb.replace(old_logp=torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0))
             if old_logp_out is not None and i < n_real:
@@ -243,7 +264,7 @@ def _collect(
     mask = mb.loss_mask.bool()  # (b, T)
     n_tok = float(mask.sum())
     for k, v in metrics.items():
-        if k in SUMMED:
+        if k in SUMMED or k in COUNTED:
             stats.add(k, v)
         else:
             stats.add_weighted(k, v if n_tok else 0.0, n_tok)

@@ -27,7 +27,7 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,10 @@ from rlstack.learner.critic import (
     check_critic_inputs,
     finish_critic_metrics,
 )
-from rlstack.learner.logprobs import score_tokens
+from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.schedule import lr_at
 from rlstack.learner.step import (
+    COUNTED,
     SUMMED,
     DistReducer,
     MetricSums,
@@ -94,7 +96,9 @@ def deepspeed_config(cfg: LearnerConfig, lr: float | None = None) -> dict[str, A
         zero |= {"reduce_bucket_size": int(2e7), "allgather_bucket_size": int(2e7)}
     if cfg.zero_stage == 3:
         zero |= {"reduce_bucket_size": int(2e7), "stage3_prefetch_bucket_size": int(2e7)}
-    return {
+    # bf16 parameters: DeepSpeed keeps fp32 master weights in the (ZeRO) optimizer and casts the update back
+    bf16 = {"bf16": {"enabled": True}} if cfg.dtype == "bfloat16" else {}
+    return bf16 | {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
@@ -149,6 +153,9 @@ class LearnerWorker:
         rank: int = 0,
         world_size: int = 1,
         env: Mapping[str, str] | None = None,
+        *,
+        reference_path: str | None = None,
+        transform: SamplingTransform | None = None,
     ) -> None:
         os.environ.update(env or {})
         self.model_path = Path(model_path)
@@ -156,8 +163,12 @@ class LearnerWorker:
         self.rank = rank
         self.world_size = world_size
         self.version = 0
+        self.optimizer_steps = 0  # the LR schedule's position (rlstack.learner.schedule), checkpointed
+        self.reference_path = None if reference_path is None else Path(reference_path)
+        self.transform = transform
         self.engine: Any = None
         self.critic: Any = None  # the value model's engine when cfg.critic.enabled
+        self.reference: Any = None  # the frozen reference policy (KL), when reference_path is given
         self._weight_sync: Any = None  # rank 0's broadcast backend (attach_weight_sync)
         self.device = torch.device("cpu")
 
@@ -209,15 +220,18 @@ class LearnerWorker:
             )
         deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
 
-        model = Step3p5ForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = Step3p5ForCausalLM.from_pretrained(self.model_path, dtype=self.model_dtype)
         self.engine = self._engine(model, self.cfg.lr)
         if self.cfg.critic.enabled:
             # Loading may draw from the global RNGs; fork them so the policy's streams do not depend on
             # whether a critic exists.
             with torch.random.fork_rng(devices=[]):
                 critic_path = self.cfg.critic.model_path or self.model_path
-                value_model = ValueModel.from_policy(critic_path, self.cfg.critic.head_seed)
+                value_model = ValueModel.from_policy(critic_path, self.cfg.critic.head_seed, self.model_dtype)
             self.critic = self._engine(value_model, self.cfg.critic_lr)
+        if self.reference_path is not None:
+            with torch.random.fork_rng(devices=[]):
+                self.reference = self._frozen_reference(self.reference_path)
         self._reducer = DistReducer(self.device)
         self._sink = _EngineSink(self.engine)
 
@@ -240,6 +254,38 @@ class LearnerWorker:
         )
         return engine
 
+    def _frozen_reference(self, path: Path) -> Any:
+        """The KL reference: a frozen copy of the initial policy, partitioned like the policy. Under ZeRO-3
+        it is a DeepSpeed engine without an optimizer, so its parameters are sharded over the ranks and
+        gathered layer by layer in each forward, exactly like the policy's; under ZeRO 0-2 the policy's
+        parameters are replicated on every rank, and so are the reference's (a plain module)."""
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from rlstack.model import Step3p5ForCausalLM
+        from rlstack.model.modeling import Step3p5MoE
+
+        model = Step3p5ForCausalLM.from_pretrained(path, dtype=self.model_dtype)
+        model.requires_grad_(False)
+        model.eval()
+        model = model.to(self.device)
+        if self.cfg.zero_stage != 3:
+            return model
+        set_z3_leaf_modules(model, [Step3p5MoE])
+        config = {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": int(2e7)},
+            "steps_per_print": 2**31 - 1,
+        } | ({"bf16": {"enabled": True}} if self.model_dtype == torch.bfloat16 else {})
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the learner's models are held in (`learner.dtype`)."""
+        return torch.bfloat16 if getattr(self.cfg, "dtype", "float32") == "bfloat16" else torch.float32
+
     def dist_info(self) -> dict[str, Any]:
         """Facts about this rank's default process group (tests check that no device is bound)."""
         pg = dist.distributed_c10d._get_default_group()
@@ -258,34 +304,52 @@ class LearnerWorker:
         0 at position 0 and on padding. Collective under ZeRO-3 (every rank needs >= 1 row)."""
 
         def logp(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-            return score_tokens(self.engine, ids, attn, with_entropy=False, with_routing=False).logp
+            scores = score_tokens(
+                self.engine, ids, attn, with_entropy=False, with_routing=False, transform=self.transform
+            )
+            return scores.logp
 
         return self._score_rows(self.engine, batch, logp)
 
     @torch.no_grad()
     def compute_values(self, batch: PolicyBatch) -> torch.Tensor:
         """Critic values V(s_t) of this rank's rows, aligned like `compute_logprobs` (position t: the state
-        token t was sampled in). (B, L), 0 at position 0 and on padding. Collective under ZeRO-3."""
+        token t was sampled in), plus one column: (B, L + 1). Position n_b, one past row b's last token,
+        holds the value of the state AFTER its last token (the bootstrap target of a truncated response);
+        0 at position 0 and past n_b. Collective under ZeRO-3."""
         if self.critic is None:
             raise ValueError(
                 "compute_values needs the critic: set learner.critic.enabled: true "
                 "(algorithm.advantage: critic uses it)"
             )
-        return self._score_rows(self.critic, batch, lambda ids, attn: self.critic(ids, attn))
+        return self._score_rows(
+            self.critic, batch, lambda ids, attn: self.critic(ids, attn), state_after_last=True
+        )
 
-    def _score_rows(self, engine: Any, batch: PolicyBatch, score: Any) -> torch.Tensor:
+    def _score_rows(
+        self, engine: Any, batch: PolicyBatch, score: Any, state_after_last: bool = False
+    ) -> torch.Tensor:
         """`score(ids, attn) -> (b, l)` over micro-batches of `batch` (padded with inert ones to the
-        largest count of any rank, for ZeRO-3's collectives), 0 on padding, back at length L."""
+        largest count of any rank, for ZeRO-3's collectives), 0 on padding, back at length L. With
+        `state_after_last` one padding column is appended first, so position n_b (scored from the hidden
+        state of the last real token) is kept too: (B, L + 1)."""
         engine.eval()
         n_real = len(batch.chunks(self.cfg.micro_batch_size))
+        width = batch.seq_len + int(state_after_last)
         out = []
         for i, mb in enumerate(padded_micro_batches(batch, self.cfg.micro_batch_size, self._reducer)):
             mb = mb.trim()
-            ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
-            scores = score(ids, attn)  # (b, l)
+            ids, attn = mb.input_ids, mb.attention_mask  # (b, l)
+            if state_after_last:
+                ids = torch.nn.functional.pad(ids, (0, 1), value=int(ids[0, 0]))  # (b, l + 1)
+                attn = torch.nn.functional.pad(attn, (0, 1))  # (b, l + 1)
+                keep = torch.nn.functional.pad(attn[:, :-1], (1, 0)).bool()  # (b, l + 1): token t-1 real
+            else:
+                keep = attn.bool()  # (b, l)
+            scores = score(ids.to(self.device), attn.to(self.device))  # (b, l')
             if i < n_real:
-                scores = torch.where(attn.bool(), scores, 0.0).float().cpu()  # (b, l)
-                out.append(torch.nn.functional.pad(scores, (0, batch.seq_len - scores.shape[1])))
+                scores = torch.where(keep, scores.cpu(), 0.0).float()  # (b, l')
+                out.append(torch.nn.functional.pad(scores, (0, width - scores.shape[1])))
         return torch.cat(out)
 
     def train_step(
@@ -318,6 +382,7 @@ class LearnerWorker:
         old_logp: list[torch.Tensor] = []
         metrics |= self._train_policy(minibatches, algo_cfg, old_from_forward, old_logp)
         self.version += 1
+        self.optimizer_steps += len(minibatches)
         metrics |= {
             "learner/version": float(self.version),
             "learner/step_time_s": time.perf_counter() - start,
@@ -357,15 +422,20 @@ class LearnerWorker:
                 self.device,
                 old_from_forward,
                 old_logp_out,
+                ref_model=self.reference,
+                transform=self.transform,
             )
 
-        return self._optimize(self.engine, minibatches, accumulate, SUMMED, "actor", self._has_signal)
+        return self._optimize(
+            self.engine, minibatches, accumulate, (*SUMMED, *COUNTED), "actor", self._has_signal
+        )
 
-    def _has_signal(self, shard: PolicyBatch) -> bool:
-        """Whether any rank's mini-batch has a nonzero advantage on a token it trains on (collective)."""
-        assert shard.advantages is not None
-        local = ((shard.advantages != 0) & shard.loss_mask.bool()).any()
-        return bool(self._reducer.max_(torch.tensor([float(local)], dtype=torch.float64)).item() > 0)
+    def _has_signal(self, stats: MetricSums) -> bool:
+        """Whether any rank's mini-batch, after its forward, has a token that can move the weights: in the
+        training mask (loss mask, MIS masks, finite log-probs) with a nonzero advantage, or any such token
+        when the KL term is on (`actor/signal_tokens`). Collective."""
+        local = stats.sums.get("actor/signal_tokens", 0.0)
+        return bool(self._reducer.sum_(torch.tensor([local], dtype=torch.float64)).item() > 0)
 
     def train_critic(
         self, batch: PolicyBatch | list[PolicyBatch], algo_cfg: AlgorithmConfig
@@ -398,30 +468,35 @@ class LearnerWorker:
         """One optimizer step of `engine` per mini-batch (`accumulate(shard) -> MetricSums` fills the
         gradients); global metrics with the mean of the mini-batch losses, grad norm and lr.
 
-        A mini-batch without learning signal (`has_signal(shard)` False: every advantage 0, so the gradient
-        is exactly 0) steps with learning rate 0. Adam would otherwise still move every weight by its
-        momentum, and a run of zero-reward batches (sparse rewards) drifts the policy with no signal."""
+        The learning rate of each step comes from the schedule (`schedule.lr_at`, by optimizer step). A
+        mini-batch without learning signal (`has_signal(stats)` False after its forward: no trained token
+        with a nonzero advantage and no KL term, so the gradient is exactly 0) steps with learning rate 0.
+        Adam would otherwise still move every weight by its momentum, and a run of zero-reward batches
+        (sparse rewards) drifts the policy with no signal."""
         engine.train()
         total = MetricSums()
-        grad_norms = []
+        grad_norms, lrs = [], []
         frozen = 0
-        for shard in minibatches:
-            freeze = has_signal is not None and not has_signal(shard)
+        base_lr = self.cfg.lr if engine is self.engine else self.cfg.critic_lr
+        for i, shard in enumerate(minibatches):
             stats = accumulate(shard)
+            freeze = has_signal is not None and not has_signal(stats)
+            lr = lr_at(self.optimizer_steps + i, base_lr, self.cfg)
+            lrs.append(lr)
             pre_norm = _grad_norm(engine) if self.cfg.zero_stage == 0 else None
-            with _zero_lr(engine.optimizer) if freeze else contextlib.nullcontext():
-                engine.step()
+            _set_lr(engine.optimizer, 0.0 if freeze else lr)
+            engine.step()
             frozen += freeze
             norm = engine.get_global_grad_norm()
             grad_norms.append(float(norm if norm is not None else pre_norm))
             total.merge(stats)
         metrics = total.all_reduce(self._reducer).result()
         for k in summed:  # mean of the mini-batch losses
-            if k in metrics:
+            if k in metrics and k not in COUNTED:
                 metrics[k] /= len(minibatches)
         metrics |= {
             f"{prefix}/grad_norm": sum(grad_norms) / len(grad_norms),
-            f"{prefix}/lr": float(engine.get_lr()[0]),
+            f"{prefix}/lr": sum(lrs) / len(lrs),
         }
         if has_signal is not None:
             metrics[f"{prefix}/frozen_steps"] = float(frozen)
@@ -531,11 +606,11 @@ class LearnerWorker:
         weights = self.export_weights()
         tag = f"version_{self.version}"
         self.engine.save_checkpoint(
-            str(state / "deepspeed"), tag=tag, client_state={"version": self.version}, save_latest=True
+            str(state / "deepspeed"), tag=tag, client_state=self._client_state(), save_latest=True
         )
         if self.critic is not None:
             self.critic.save_checkpoint(
-                str(state / "critic"), tag=tag, client_state={"version": self.version}, save_latest=True
+                str(state / "critic"), tag=tag, client_state=self._client_state(), save_latest=True
             )
         torch.save(_rng_state(), state / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
@@ -578,9 +653,14 @@ class LearnerWorker:
         if self.critic is not None:
             self._load_engine(self.critic, state / "critic", meta["tag"])
         self.version = int(client["version"])
+        # checkpoints from before the LR schedule: one optimizer step per version was all there was
+        self.optimizer_steps = int(client.get("optimizer_steps", self.version * self.cfg.n_minibatches))
         _set_rng_state(torch.load(state / f"rng_rank{self.rank}.pt", weights_only=False))
         dist.barrier()
         return self.version
+
+    def _client_state(self) -> dict[str, int]:
+        return {"version": self.version, "optimizer_steps": self.optimizer_steps}
 
     @staticmethod
     def _load_engine(engine: Any, ds_dir: Path, tag: str) -> dict[str, Any]:
@@ -590,6 +670,17 @@ class LearnerWorker:
         if loaded is None:
             raise FileNotFoundError(f"{ds_dir}: DeepSpeed found no checkpoint with tag {tag}")
         return client
+
+    def reference_numel(self) -> dict[str, int]:
+        """Elements of the KL reference held on this rank (`local`) and in the whole model (`full`): under
+        ZeRO-3 each rank holds about full / world_size (tests check the partitioning)."""
+        if self.reference is None:
+            raise ValueError("reference_numel: this learner has no reference policy (reference_path unset)")
+        params = list(self.reference.parameters())
+        # under ZeRO-3 a parameter is an empty placeholder; this rank's shard is its `ds_tensor`
+        local = sum(int(getattr(p, "ds_tensor", p).numel()) for p in params)
+        full = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+        return {"local": local, "full": full}
 
     def optimizer_state(self, critic: bool = False) -> dict[str, torch.Tensor]:
         """This rank's optimizer state tensors (the critic's with `critic`), flattened in a fixed order
@@ -618,18 +709,11 @@ def _grad_norm(engine: Any) -> float:
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
-@contextlib.contextmanager
-def _zero_lr(optimizer: Any) -> Iterator[None]:
-    """Learning rate 0 for one step: AdamW then changes no weight (its update and decay scale with lr)."""
-    groups = optimizer.param_groups
-    saved = [g["lr"] for g in groups]
-    for g in groups:
-        g["lr"] = 0.0
-    try:
-        yield
-    finally:
-        for g, lr in zip(groups, saved, strict=True):
-            g["lr"] = lr
+def _set_lr(optimizer: Any, lr: float) -> None:
+    """The learning rate of the next optimizer step. At 0 AdamW changes no weight (its update and its
+    decoupled decay both scale with lr), which is how a step without learning signal runs."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _copy_out(t: torch.Tensor, on_device: bool = False) -> torch.Tensor:

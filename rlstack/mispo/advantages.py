@@ -34,22 +34,29 @@ def group_advantages(
 ) -> torch.Tensor:
     """A = (R - mean_group) / (std_group + eps), or R - mean_group when `use_std=False`. (B,) -> (B,).
 
-    std is the unbiased (Bessel-corrected) sample std, as in GRPO. A group whose rewards are all equal
-    (including a group of one) gets A = 0 exactly, never NaN.
+    std is the unbiased (Bessel-corrected) sample std, as in GRPO. A NaN reward marks an unscored sample:
+    it is left out of its group's mean and std and gets A = 0 (the rest of the group keeps its
+    advantages). A group whose scored rewards are all equal (including a group of one) gets A = 0 exactly,
+    never NaN.
     """
     r = rewards.double()  # (B,)
+    scored = torch.isfinite(r)  # (B,)
+    r0 = torch.where(scored, r, 0.0)  # (B,) unscored rows contribute nothing to the sums
+    w = scored.double()  # (B,)
     idx = _group_index(r.shape[0], group_ids, group_size).to(r.device)  # (B,)
     n_groups = int(idx.max()) + 1 if idx.numel() else 0
     zeros = torch.zeros(n_groups, dtype=r.dtype, device=r.device)  # (G,)
-    count = zeros.index_add(0, idx, torch.ones_like(r))  # (G,)
-    mean = zeros.index_add(0, idx, r) / count  # (G,)
-    centered = r - mean[idx]  # (B,)
+    count = zeros.index_add(0, idx, w)  # (G,) scored samples per group
+    mean = zeros.index_add(0, idx, r0) / count.clamp(min=1)  # (G,)
+    centered = torch.where(scored, r0 - mean[idx], 0.0)  # (B,)
     std = (zeros.index_add(0, idx, centered**2) / (count - 1).clamp(min=1)).sqrt()  # (G,)
-    lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, idx, r, "amin")  # (G,)
-    hi = torch.full_like(zeros, -torch.inf).scatter_reduce(0, idx, r, "amax")  # (G,)
-    constant = (hi == lo)[idx]  # (B,) every reward in the group is the same
+    lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, idx, torch.where(scored, r0, torch.inf), "amin")
+    hi = torch.full_like(zeros, -torch.inf).scatter_reduce(
+        0, idx, torch.where(scored, r0, -torch.inf), "amax"
+    )
+    constant = (hi <= lo)[idx]  # (B,) every scored reward in the group is the same (or none is scored)
     adv = centered / (std[idx] + eps) if use_std else centered  # (B,)
-    return torch.where(constant, 0.0, adv).to(rewards.dtype)
+    return torch.where(constant | ~scored, 0.0, adv).to(rewards.dtype)
 
 
 def last_token_index(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -64,14 +71,23 @@ def critic_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Actor-critic advantages with gamma = lambda = 1: A_t = R - V(s_t), returns R_t = R.
 
-    rewards (B,) outcome rewards; values (B, T) critic values; loss_mask (B, T); truncated (B,) bool: rows
-    that hit the length limit have no outcome, so R = V(s_T), the value at their last generated token.
-    Returns (advantages (B, T), returns (B, T)), both 0 off the loss mask.
+    rewards (B,) outcome rewards; loss_mask (B, T); truncated (B,) bool; values (B, T + 1) critic values,
+    `values[b, t]` = V(s_t), the state token t was sampled in, and one column more so that position
+    last + 1 holds V(s_T), the state AFTER row b's last generated token. Rows that hit the length limit
+    have no outcome, so they bootstrap R = V(s_T) (reading V at the last token itself would be the state
+    before it: one token early). Returns (advantages (B, T), returns (B, T)), both 0 off the loss mask.
     """
     mask = loss_mask.bool()  # (B, T)
-    v = values.detach().to(torch.promote_types(values.dtype, torch.float32))  # (B, T)
-    v_last = v.gather(-1, last_token_index(mask)[:, None]).squeeze(-1)  # (B,)
-    ret = torch.where(truncated.bool(), v_last, rewards.to(v.dtype))  # (B,)
+    batch, width = mask.shape
+    if values.shape != (batch, width + 1):
+        raise ValueError(
+            f"critic values have shape {tuple(values.shape)}, expected (B, T + 1) = ({batch}, {width + 1}): "
+            "V(s_t) per position plus the state after the last token (LearnerGroup.compute_values)"
+        )
+    v_all = values.detach().to(torch.promote_types(values.dtype, torch.float32))  # (B, T + 1)
+    v = v_all[:, :width]  # (B, T)
+    v_final = v_all.gather(-1, (last_token_index(mask) + 1)[:, None]).squeeze(-1)  # (B,) V(s_T)
+    ret = torch.where(truncated.bool(), v_final, rewards.to(v.dtype))  # (B,)
     returns = torch.where(mask, ret[:, None], 0.0)  # (B, T)
     advantages = torch.where(mask, returns - v, 0.0)  # (B, T)
     return advantages, returns
@@ -93,5 +109,5 @@ def compute_advantages(
         adv = group_advantages(rewards, group_ids, group_size, use_std=cfg.group_std, eps=cfg.adv_eps)  # (B,)
         return torch.where(mask, adv[:, None], 0.0), None
     if values is None or truncated is None:
-        raise ValueError("algorithm.advantage = 'critic' needs critic `values` (B, T) and `truncated` (B,)")
+        raise ValueError("algorithm.advantage = 'critic' needs critic `values` (B, T + 1) and `truncated` (B,)")
     return critic_advantages(rewards, values, mask, truncated)

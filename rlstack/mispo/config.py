@@ -7,7 +7,7 @@ Defaults follow docs/MISPO.md; the paper's values are marked [S], our own choice
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -32,7 +32,7 @@ class AlgorithmConfig(BaseModel):
     traj_filter: TrajFilter = "fixed"
     """Trajectory-level filter on rho = exp(mean_t log x_t): `fixed` uses `traj_band`; `adaptive` sets a
     symmetric log-band from a quantile of |log rho| each step; `stochastic` keeps a trajectory with
-    probability min(rho, 1/rho); `off` keeps every trajectory (token mask only)."""
+    probability exp(-|log rho| / stochastic_tau); `off` keeps every trajectory (token mask only)."""
 
     traj_band: tuple[float, float] = (0.996, 1.001)
     """[S] Accepted range [lo, hi] of the trajectory ratio rho when `traj_filter: fixed`."""
@@ -48,6 +48,13 @@ class AlgorithmConfig(BaseModel):
 
     adaptive_log_band_max: float = math.log(1.01)
     """Upper clamp of the adaptive log-band b."""
+
+    stochastic_tau: float = 0.0036
+    """[I] Scale of the `stochastic` filter: a trajectory is kept with probability exp(-|log rho| / tau), so
+    half are dropped at |log rho| = tau * ln 2. The default 0.0036 ~= 0.0025 / ln 2 puts that point at
+    0.0025, the mean of the fixed band's log half-widths (log 1.001 = 0.0010, -log 0.996 = 0.0040): it
+    rejects at the |log rho| the paper's band does, but softly. (tau = 1 is min(rho, 1/rho), which keeps
+    >99% of trajectories at real ratios, |log rho| ~ 1e-4..1e-2.)"""
 
     seed: int = 0
     """Seed of the generator the `stochastic` trajectory filter draws from (its state is checkpointed)."""
@@ -65,7 +72,8 @@ class AlgorithmConfig(BaseModel):
     loss_norm: LossNorm = "token_mean"
     """[I] `token_mean`: sum over tokens / number of generated tokens in the mini-batch (filtered tokens still
     count, so a heavily filtered batch takes a smaller step). `seq_mean`: mean over sequences of each
-    sequence's token-mean."""
+    sequence's token-mean. Unset: `seq_mean` for `gspo` (its objective is sequence-level), else
+    `token_mean`; the resolved config shows the value used."""
 
     clip_eps: float = 0.2
     """PPO/GRPO clip range of the token ratio pi_theta / pi_old: [1 - eps, 1 + eps]."""
@@ -83,6 +91,14 @@ class AlgorithmConfig(BaseModel):
     kl_coef: float = 0.0
     """Coefficient of the unbiased KL(pi_theta || pi_ref) penalty; 0 turns it off (the paper uses 0.001
     when it is on). Requires reference log-probs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_norm(cls, data: Any) -> Any:
+        """Fill in `loss_norm` from `name` when the user left it out (an explicit value is kept)."""
+        if isinstance(data, dict) and "loss_norm" not in data:
+            data = {**data, "loss_norm": "seq_mean" if data.get("name") == "gspo" else "token_mean"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:
@@ -104,7 +120,12 @@ class AlgorithmConfig(BaseModel):
                 f"algorithm.adaptive_log_band_min/max = ({self.adaptive_log_band_min}, "
                 f"{self.adaptive_log_band_max}): need 0 < min <= max (log-space half-widths)"
             )
-        positive = {"clip_eps": self.clip_eps, "gspo_clip_eps": self.gspo_clip_eps, "adv_eps": self.adv_eps}
+        positive = {
+            "clip_eps": self.clip_eps,
+            "gspo_clip_eps": self.gspo_clip_eps,
+            "adv_eps": self.adv_eps,
+            "stochastic_tau": self.stochastic_tau,
+        }
         if self.tis_cap is not None:
             positive["tis_cap"] = self.tis_cap
         for field, value in positive.items():

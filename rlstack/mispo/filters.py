@@ -3,7 +3,9 @@
     log x_t    = log pi_old(a_t) - log pi_rollout(a_t)        token log-ratio, (B, T)
     log rho    = mean of log x_t over generated tokens         trajectory statistic, (B,)
     token ok   = lo_tok  <= x_t <= hi_tok
-    traj ok    = lo_traj <= rho <= hi_traj   (fixed | adaptive band), or a coin flip (stochastic), or always
+    traj ok    = lo_traj <= rho <= hi_traj   fixed | adaptive band
+               | u < exp(-|log rho| / tau)   stochastic, u ~ U[0, 1)
+               | always                      off
 
 Compute the filter ONCE per training step on the whole batch (`MISFilter.__call__`), then slice the
 result per micro-batch with `FilterResult.select`: the adaptive quantile and the stochastic draws are
@@ -107,18 +109,31 @@ class AdaptiveTrajBand:
 
 
 class StochasticTrajFilter:
-    """Keep a trajectory with probability min(rho, 1/rho) = exp(-|log rho|), Metropolis-style.
+    """Keep a trajectory with probability exp(-|log rho| / tau): a soft version of the fixed band.
 
+    rho = 1 is always kept; half are dropped at |log rho| = tau * ln 2. The scale matters: real log rho
+    are ~1e-4..1e-2, so tau = 1 (min(rho, 1/rho), the plain Metropolis rule) would keep >99% of them and
+    filter nothing. With tau on the scale of the paper's band (AlgorithmConfig.stochastic_tau, default
+    0.0036: half dropped at 0.0025, between the band's log half-widths 0.0010 and 0.0040), mildly
+    off-policy trajectories still train sometimes instead of never, while far ones almost never do.
     Draws come from an own seeded generator, so a run (and a resumed checkpoint) is reproducible.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, tau: float) -> None:
+        if not tau > 0.0:
+            raise ValueError(f"stochastic trajectory filter: tau = {tau} must be > 0")
+        self.tau = tau
         self.generator = torch.Generator().manual_seed(seed)
+
+    def accept_prob(self, log_rho: torch.Tensor) -> torch.Tensor:
+        """exp(-|log rho| / tau), float64 on the CPU; 0 for NaN. (B,) -> (B,)."""
+        p = torch.exp(-log_rho.detach().abs().double().cpu() / self.tau)  # (B,)
+        return torch.nan_to_num(p, nan=0.0)
 
     def __call__(self, log_rho: torch.Tensor) -> torch.Tensor:
         """(B,) float -> (B,) bool."""
-        accept_prob = torch.exp(-log_rho.detach().abs().double().cpu())  # (B,)
-        u = torch.rand(accept_prob.shape, generator=self.generator, dtype=torch.float64)  # (B,)
+        accept_prob = self.accept_prob(log_rho)  # (B,)
+        u = torch.rand(accept_prob.shape, generator=self.generator, dtype=torch.float64)  # (B,) in [0, 1)
         return (u < accept_prob).to(log_rho.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -231,7 +246,7 @@ class MISFilter:
             cfg.adaptive_log_band_min,
             cfg.adaptive_log_band_max,
         )
-        self.stochastic = StochasticTrajFilter(cfg.seed)
+        self.stochastic = StochasticTrajFilter(cfg.seed, cfg.stochastic_tau)
 
     def __call__(
         self, old_logp: torch.Tensor, rollout_logp: torch.Tensor, loss_mask: torch.Tensor

@@ -131,17 +131,26 @@ def compute_policy_loss(
     if filter_result is None and cfg.traj_filter in ("fixed", "off"):
         traj_band = cfg.traj_band if cfg.traj_filter == "fixed" else None
         filter_result = apply_filters(old_logp, rollout_logp, loss_mask, cfg.token_band, traj_band)
-    mask = loss_mask  # (B, T) tokens that train
+    # A token the learner gives log-prob -inf (outside its top-k/top-p support) or NaN never trains.
+    finite = torch.isfinite(logp.detach()) & torch.isfinite(old_logp)  # (B, T)
+    if ref_logp is not None and cfg.kl_coef > 0.0:
+        finite &= torch.isfinite(ref_logp)
+    mask = loss_mask & finite  # (B, T) tokens that train
     if use_mis:
         if filter_result is None:
             raise ValueError(
                 f"algorithm.traj_filter = '{cfg.traj_filter}' is stateful: compute it once per step with "
                 "MISFilter(cfg)(old_logp, rollout_logp, loss_mask) and pass filter_result=result.select(rows)"
             )
-        mask = filter_result.combined & loss_mask
+        mask = filter_result.combined & mask
     adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages  # (B, T)
     adv = torch.where(loss_mask, adv, 0.0)
 
+    # Non-finite entries are never selected by `mask`; zero them so no inf/NaN reaches a product.
+    logp = torch.where(finite, logp, 0.0)  # (B, T)
+    old_logp = torch.where(finite, old_logp, 0.0)  # (B, T)
+    if ref_logp is not None:
+        ref_logp = torch.where(finite, ref_logp, 0.0)  # (B, T)
     inp = PolicyLossInput(logp, old_logp, rollout_logp, adv, loss_mask, mask, normalizer)
     loss, metrics = get_policy_loss(cfg.name)(inp, cfg)
     metrics["actor/pg_loss"] = float(loss.detach())
@@ -155,6 +164,10 @@ def compute_policy_loss(
     if entropy is not None:
         metrics["actor/entropy"] = float(torch.where(loss_mask, entropy.detach(), 0.0).sum()) / n_tok
     metrics["actor/train_frac"] = float(mask.sum()) / n_tok
+    # Tokens that can move the weights: trained with a nonzero advantage, or any trained token under KL.
+    signal = mask if cfg.kl_coef > 0.0 else mask & (adv != 0)  # (B, T)
+    metrics["actor/signal_tokens"] = float(signal.sum())
+    metrics["actor/nonfinite_logp_tokens"] = float((loss_mask & ~finite).sum())
     metrics["actor/loss"] = float(loss.detach())
     if filter_result is not None:
         metrics |= filter_result.metrics

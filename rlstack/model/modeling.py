@@ -168,7 +168,8 @@ class Step3p5MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
         """x: (N, H) → weights (N, k), expert ids (N, k), stats."""
-        scores = torch.sigmoid(self.gate(x.float()))  # (N, E)
+        # fp32 routing also when the model is held in bf16 (vLLM's need_fp32_gate); a no-op cast in fp32
+        scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # (N, E)
         ids = torch.topk(scores + self.router_bias, self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(1, ids)  # (N, k): unbiased scores of the chosen experts
         confidence = weights.sum(-1) / scores.sum(-1)  # (N,)

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from rlstack.config_base import StrictModel
 from rlstack.envs import Limits, RunResult, Sandbox, code_harness, get_sandbox
 from rlstack.envs.code_harness import output_digest
 from rlstack.rewards.extract import completion_text
-from rlstack.rewards.registry import RewardResult, register
+from rlstack.rewards.registry import RewardResult, register, split_options
 
 _HARNESS = Path(code_harness.__file__).read_text()  # runs inside the sandbox as harness.py
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([^\n`]*)$", re.MULTILINE)
@@ -290,27 +293,26 @@ def get_verifier(**options: Any) -> CodeVerifier:
         return _verifiers[key]
 
 
-@register("code")
+class CodeOptions(StrictModel):
+    """Options of the `code` reward (a reward spec's `options`)."""
+
+    time_limit: float = Field(2.0, gt=0)
+    """Seconds each test may run."""
+    memory_mb: int = Field(512, gt=0)
+    """Address space per process, MiB."""
+    max_output_bytes: int = Field(1 << 20, gt=0)
+    """Stdout an io test may print; more is a failed test."""
+    concurrency: int | None = Field(None, ge=1)
+    """Programs run at once; None: the cores available."""
+    sandbox: str = "process"
+    """The sandbox backend (rlstack.envs)."""
+
+
+@register("code", options=CodeOptions)
 def code_reward(
-    prompts: list[str],
-    completions: list[Any],
-    tests: Sequence[Any] | None = None,
-    *,
-    time_limit: float = 2.0,
-    memory_mb: int = 512,
-    max_output_bytes: int = 1 << 20,
-    concurrency: int | None = None,
-    sandbox: str = "process",
-    **columns: Any,
+    prompts: list[Any], completions: list[Any], tests: Sequence[Any] | None = None, **kwargs: Any
 ) -> RewardResult:
-    """Fraction of the row's `tests` the completion's program passes (see the module docstring). Options
-    (a reward spec's `options`): time_limit (s per test), memory_mb, max_output_bytes (per io test),
-    concurrency (programs run at once; default: the cores available), sandbox (a backend name)."""
-    verifier = get_verifier(
-        time_limit=time_limit,
-        memory_mb=memory_mb,
-        max_output_bytes=max_output_bytes,
-        concurrency=concurrency,
-        sandbox=sandbox,
-    )
-    return verifier.score(completions, tests)
+    """Fraction of the row's `tests` the completion's program passes (see the module docstring); the
+    options are `CodeOptions`, the other keywords dataset columns (ignored)."""
+    options, _ = split_options(CodeOptions, kwargs, "code")
+    return get_verifier(**options.model_dump()).score(completions, tests)

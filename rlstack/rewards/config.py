@@ -21,7 +21,13 @@ class RewardSpec(StrictModel):
     """Multiplies this reward in the weighted sum over the rewards that apply to a sample."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments bound to the plugin on every call (e.g. `{mode: pairwise}` for genrm); a dataset
-    column of the same name overrides them."""
+    column of the same name overrides them. With `factory: true`, the arguments of the factory instead.
+    Checked when the config loads, against the plugin's options model or else its signature."""
+    factory: bool = False
+    """`import_path` (or `name`) is a factory: it is called once per scoring process with `options` as
+    keyword arguments and returns the reward function, e.g. TRL's
+    `{import_path: "trl.rewards:get_soft_overlong_punishment", factory: true,
+    options: {max_completion_len: 512, soft_punish_cache: 128}}`."""
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:

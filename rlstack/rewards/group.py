@@ -1,18 +1,19 @@
 """`RewardGroup`: reward plugins scored by Ray actors, batched and concurrent, each call under a time limit,
 failures isolated to their samples, results cached.
 
-The driver hands a batch to `RewardGroup(prompts, completions, **columns)` and gets `CombinedRewards` back,
-exactly as from an in-process `RewardCombiner`. Inside:
+The driver hands a batch to `RewardGroup(prompts, completions, sample_ids=..., **columns)` and gets
+`CombinedRewards` back, exactly as from an in-process `RewardCombiner`. Inside:
 
 - samples are routed to workers by a hash of their prompt, so a repeated sample meets the same worker's
   cache and a prompt's group is scored together, in chunks of about `chunk_size`, all workers at once;
 - each worker (`RewardScorer`) calls each plugin on its chunk in a thread with a deadline of
   `time_limit_s`; a plugin that raises, returns bad output or misses the deadline is called again per
   sample, all samples concurrently, each under the same deadline, so one bad sample costs only itself
-  (None, with the error in the sample's info and the log, naming the plugin and the sample);
+  (None, with the error in the sample's info and the log, naming the plugin and the sample's prompt id);
 - a thread that misses its deadline cannot be killed, so it is abandoned; a worker with more than
   `max_abandoned_threads` of them still running, or one that does not answer at all (a plugin holding the
   GIL in C code), is killed and replaced — its samples score None — and training goes on;
+- a factory spec (`factory: true`) is called once per worker, when the worker starts;
 - scores are cached per worker by (plugin, plugin version, options, prompt, completion, columns); failures
   are not cached. A plugin marks its own timeouts with a "timeout" key in a sample's info (`RewardResult`);
   they count in `timeouts` too.
@@ -42,9 +43,12 @@ from rlstack.rewards.registry import (
     RewardFn,
     RewardOutput,
     call_reward_with_info,
-    check_specs,
     combine,
+    failure_info,
+    load_plugin,
     resolve,
+    sample_name,
+    validate_specs,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,11 +87,15 @@ class RewardScorer:
     """
 
     def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
-        check_specs(specs)
+        validate_specs(specs)
         self.specs = list(specs)
         self.config = config or RewardWorkersConfig()
         self.fns = [resolve(s) for s in self.specs]
-        self.versions = [plugin_version(fn) for fn in self.fns]
+        # A factory's product is versioned by the factory and its options.
+        self.versions = [
+            plugin_version(functools.partial(load_plugin(s), **s.options) if s.factory else fn)
+            for s, fn in zip(self.specs, self.fns, strict=True)
+        ]
         self._cache: OrderedDict[str, tuple[float | None, dict[str, Any] | None]] = OrderedDict()
         self._abandoned: list[threading.Thread] = []
 
@@ -95,8 +103,13 @@ class RewardScorer:
         return True
 
     def score(
-        self, prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, list[Any]]
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        columns: dict[str, list[Any]],
+        sample_ids: Sequence[str] | None = None,
     ) -> ChunkResult:
+        """Every plugin's scores for one chunk; `sample_ids` (prompt ids) only name failed samples."""
         result = ChunkResult({}, {}, {}, {})
         for spec, fn, version in zip(self.specs, self.fns, self.versions, strict=True):
             keys = [
@@ -116,8 +129,14 @@ class RewardScorer:
             errors = timeouts = 0
             if todo:
                 sub_columns = {k: [v[i] for i in todo] for k, v in columns.items()}
+                sub_ids = None if sample_ids is None else [sample_ids[i] for i in todo]
                 out, out_info, errors, timeouts = self._call(
-                    fn, spec.label, [prompts[i] for i in todo], [completions[i] for i in todo], sub_columns
+                    fn,
+                    spec.label,
+                    [prompts[i] for i in todo],
+                    [completions[i] for i in todo],
+                    sub_columns,
+                    sub_ids,
                 )
                 for j, i in enumerate(todo):
                     scores[i], info[i] = out[j], out_info[j]
@@ -141,6 +160,7 @@ class RewardScorer:
         prompts: list[Any],
         completions: list[Any],
         columns: dict[str, list[Any]],
+        sample_ids: Sequence[str] | None = None,
     ) -> tuple[RewardOutput, Info, int, int]:
         """(scores, info, failed samples, timed-out samples): the chunk at once, else sample by sample."""
         limit = self.config.time_limit_s
@@ -188,8 +208,8 @@ class RewardScorer:
                 continue
             failed += 1
             scores.append(None)
-            info.append({"error": error})
-            logger.error("reward '%s' failed on sample %d: %s", label, i, error)
+            info.append(failure_info(error, i, sample_ids))
+            logger.error("reward '%s' failed on %s: %s", label, sample_name(i, sample_ids), error)
         return scores, info, failed, timed_out
 
     def _with_deadline(self, call: Callable[[], Any], limit: float) -> Any:
@@ -234,9 +254,7 @@ class RewardGroup:
     """The driver's handle on reward scoring; called like a `RewardCombiner`."""
 
     def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
-        check_specs(specs)
-        for spec in specs:  # fail fast, in the driver, on an unknown or unimportable plugin
-            resolve(spec)
+        validate_specs(specs)  # fail fast, in the driver, on an unknown plugin or a bad option
         self.specs = list(specs)
         self.config = config or RewardWorkersConfig()
         self.restarts = 0
@@ -261,15 +279,28 @@ class RewardGroup:
         actor = ray.remote(num_cpus=self.config.cpus_per_worker, max_restarts=0)(RewardScorer)
         return actor.remote(self.specs, self.config)
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> GroupRewards:
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        sample_ids: Sequence[str] | None = None,
+        **columns: Any,
+    ) -> GroupRewards:
+        """Score a batch. `sample_ids`: each sample's prompt id, never passed to a plugin, only naming
+        failed samples in logs and info."""
         n = len(completions)
-        if len(prompts) != n or any(len(v) != n for v in columns.values()):
+        ids = "" if sample_ids is None else f", {len(sample_ids)} sample_ids"
+        lengths = [len(prompts), *(len(v) for v in columns.values())]
+        if sample_ids is not None:
+            lengths.append(len(sample_ids))
+        if any(length != n for length in lengths):
             raise ValueError(
-                f"reward batch: {len(prompts)} prompts, {n} completions, columns of other lengths"
+                f"reward batch: {len(prompts)} prompts, {n} completions{ids}, columns of other lengths"
             )
         chunks = self._chunks(prompts, completions)
-        results = self._score_chunks(chunks, prompts, completions, columns)
-        return self._merge(n, chunks, results)
+        results = self._score_chunks(chunks, prompts, completions, columns, sample_ids)
+        return self._merge(n, chunks, results, sample_ids)
 
     def _chunks(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[tuple[int, list[int]]]:
         """(worker index, sample indices) pairs. A prompt's samples stay together (a group-relative reward,
@@ -297,12 +328,14 @@ class RewardGroup:
         prompts: Sequence[Any],
         completions: Sequence[Any],
         columns: dict[str, Any],
+        sample_ids: Sequence[str] | None,
     ) -> list[ChunkResult | None]:
-        def args(ids: list[int]) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+        def args(ids: list[int]) -> tuple[list[Any], list[Any], dict[str, list[Any]], list[str] | None]:
             return (
                 [prompts[i] for i in ids],
                 [completions[i] for i in ids],
                 {k: [v[i] for i in ids] for k, v in columns.items()},
+                None if sample_ids is None else [sample_ids[i] for i in ids],
             )
 
         if self._local is not None:
@@ -341,7 +374,11 @@ class RewardGroup:
         return results
 
     def _merge(
-        self, n: int, chunks: list[tuple[int, list[int]]], results: list[ChunkResult | None]
+        self,
+        n: int,
+        chunks: list[tuple[int, list[int]]],
+        results: list[ChunkResult | None],
+        sample_ids: Sequence[str] | None,
     ) -> GroupRewards:
         labels = [s.label for s in self.specs]
         per_reward: dict[str, RewardOutput] = {label: [None] * n for label in labels}
@@ -354,7 +391,7 @@ class RewardGroup:
                 if result is None:  # the worker was lost: every sample of the chunk fails
                     errors[label] += len(ids)
                     for i in ids:
-                        info[label][i] = {"error": "reward worker lost (hung or crashed)"}
+                        info[label][i] = failure_info("reward worker lost (hung or crashed)", i, sample_ids)
                     continue
                 for j, i in enumerate(ids):
                     per_reward[label][i] = result.per_reward[label][j]

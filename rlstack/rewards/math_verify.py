@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 from rlstack.rewards.extract import completion_text, extract_answer, last_boxed
-from rlstack.rewards.registry import RewardResult, register
+from rlstack.rewards.registry import NoOptions, RewardResult, register
 from rlstack.rewards.timelimit import Failure, TimeLimitedWorker, WorkerStats
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are wrong, not worth a sympy parse
@@ -239,7 +239,7 @@ def default_verifier() -> MathVerifier:
         return _default
 
 
-@register("math")
+@register("math", options=NoOptions)
 def math_reward(
     prompts: list[str], completions: list[Any], answer: Sequence[Any] | None = None, **columns: Any
 ) -> list[float | None] | RewardResult:

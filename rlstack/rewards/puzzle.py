@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlstack.rewards.extract import completion_text, last_boxed
-from rlstack.rewards.registry import register
+from rlstack.rewards.registry import NoOptions, register
 
 MAX_EXPR_CHARS = 200
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
@@ -78,7 +78,7 @@ def _numbers(value: Any) -> list[int] | None:
     return [int(v) for v in value]
 
 
-@register("puzzle")
+@register("puzzle", options=NoOptions)
 def puzzle_reward(
     prompts: list[str],
     completions: list[Any],

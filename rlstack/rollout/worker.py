@@ -36,6 +36,7 @@ def engine_settings(config: RolloutConfig) -> EngineSettings:
         max_model_len=config.max_model_len,
         kv_cache_mb=config.kv_cache_mb,
         max_num_seqs=config.max_num_seqs,
+        dtype=config.dtype,
         seed=config.sampling.seed,
         multiprocessing=config.multiprocessing,
         enforce_eager=config.enforce_eager,
@@ -137,9 +138,10 @@ def sampling_params(sampling: SamplingConfig, index: int) -> Any:
         n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
+        top_k=sampling.top_k,
         max_tokens=sampling.max_tokens,
         min_tokens=sampling.min_tokens,
-        logprobs=0,  # exactly the sampled token's log-prob
+        logprobs=0,  # exactly the sampled token's log-prob (of the sampling distribution: engine.py)
         seed=sampling.seed + index,
     )
 

@@ -200,3 +200,46 @@ def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
     ours = ("deepspeed", "plasma", "ray", "torch_")  # only our stack's names: other tests may run beside us
     leaked = {e for e in _shm_entries() - ray_cluster["shm"] if e.startswith(ours)}
     assert not leaked, f"/dev/shm entries left behind: {sorted(leaked)}"
+
+
+KL_ALGO = ALGO.model_copy(update={"kl_coef": 0.5})
+
+
+def test_kl_reference_is_frozen_partitioned_and_pulls_back(ray_cluster, tiny_checkpoint: Path) -> None:
+    """algorithm.kl_coef > 0: a frozen copy of the initial policy on every rank, sharded like the policy under
+    ZeRO-3. Step 1 starts at pi_theta = pi_ref (KL exactly 0); later steps see KL > 0, and a step whose
+    advantages are all 0 still trains (the KL term is learning signal), while without KL it would not. 2 ranks under ZeRO-3 give stage 0 on 1 rank's numbers; the LR warm-up runs."""
+    batch = make_batch(8, seed=4)
+    no_adv = batch.replace(advantages=torch.zeros_like(batch.advantages))
+    sched = {"lr_schedule": "cosine", "warmup_steps": 2, "lr_decay_steps": 4, "adam_eps": EPS}
+
+    def run(num_ranks: int, zero_stage: int) -> dict:
+        cfg = LearnerConfig(num_ranks=num_ranks, zero_stage=zero_stage, micro_batch_size=4, **sched)
+        with LearnerGroup(tiny_checkpoint, cfg, reference_path=tiny_checkpoint) as group:
+            numel = ray.get([a.reference_numel.remote() for a in group.actors])
+            initial = group.export_weights()
+            m1 = group.train_step(batch, KL_ALGO)
+            moved = group.export_weights()
+            m2 = group.train_step(no_adv, KL_ALGO)
+            back = group.export_weights()
+            m3 = group.train_step(no_adv, ALGO)  # the same batch without KL: no signal, lr 0
+            still = group.export_weights()
+        return {"numel": numel, "initial": initial, "m1": m1, "moved": moved, "m2": m2, "back": back,
+                "m3": m3, "still": still}  # fmt: skip
+
+    one, two = run(1, 0), run(2, 3)
+    # ZeRO-3: each rank holds a shard of the reference, together all of it; stage 0: a whole copy
+    assert one["numel"][0]["local"] == one["numel"][0]["full"]
+    full = two["numel"][0]["full"]
+    assert all(n["full"] == full and n["local"] < 0.75 * full for n in two["numel"])
+    assert sum(n["local"] for n in two["numel"]) >= full
+    for r in (one, two):
+        assert r["m1"]["actor/kl"] == pytest.approx(0.0, abs=1e-7)  # pi_theta == pi_ref at the start
+        assert r["m2"]["actor/kl"] > 1e-6 and r["m2"]["actor/frozen_steps"] == 0
+        # 2 warm-up steps: lr(0) = base / 2, lr(1) = base
+        assert r["m1"]["actor/lr"] == pytest.approx(1.5e-4) and r["m2"]["actor/lr"] == pytest.approx(3e-4)
+        # the zero-advantage step trained (KL is signal); without KL the same batch freezes the weights
+        assert _close(r["back"], r["moved"]) > 1e-6
+        assert r["m3"]["actor/frozen_steps"] == 1 and _close(r["still"], r["back"]) == 0.0
+    assert _close(two["back"], one["back"]) < TOL
+    assert two["m2"]["actor/kl"] == pytest.approx(one["m2"]["actor/kl"], rel=1e-4)

@@ -1,5 +1,5 @@
-"""RewardGroup on real Ray actors: sample routing and the cache, and a worker that crashes or hangs is
-replaced while the batch still comes back."""
+"""RewardGroup on real Ray actors: sample routing and the cache, a worker that crashes or hangs is replaced
+while the batch still comes back, and TRL's own reward functions score the driver's batches unchanged."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from rlstack.data.prompts import rollout_prompt
+from rlstack.driver import score_rollouts
+from rlstack.model.tokenizer import build_tokenizer
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rewards.group import RewardGroup
+from rlstack.types import Rollout
 
 pytestmark = [pytest.mark.ray]
 
@@ -82,3 +86,111 @@ def test_a_worker_with_hung_plugin_calls_is_replaced(ray_local) -> None:
         assert group(["p"], ["ok"]).total == [0.0]
     finally:
         group.shutdown()
+
+
+# ---- TRL's reward functions, unchanged, on the driver's batches -----------------------------------------
+
+
+def _chat(question: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "Think in <think></think>, then box the answer."},
+        {"role": "user", "content": question},
+    ]
+
+
+TRL_ROWS = [  # (row, completion, number of completion tokens)
+    (
+        {
+            "prompt_id": "third",
+            "prompt": _chat("What is 1/3 of 1?"),
+            "solution": "\\frac{1}{3}",
+            "answer": "1/3",
+        },
+        "<think>1/3 of 1 is 1/3</think> The answer is \\boxed{\\frac{1}{3}}",
+        3,
+    ),
+    (
+        {
+            "prompt_id": "third",
+            "prompt": _chat("What is 1/3 of 1?"),
+            "solution": "\\frac{1}{3}",
+            "answer": "1/3",
+        },
+        "<think>hmm</think> \\boxed{\\frac{1}{2}}",
+        8,
+    ),
+    (
+        {
+            "prompt_id": "half",
+            "prompt": _chat("What is 1/2 of 2/3?"),
+            "solution": "\\frac{1}{3}",
+            "answer": "1/3",
+        },
+        "\\boxed{\\frac{1}{3}}",
+        12,
+    ),
+    (  # a plain-text row: TRL's accuracy and format rewards expect conversational completions
+        {"prompt_id": "plain", "prompt": "What is 1+1?", "solution": "2", "answer": "2"},
+        "<think>1+1</think> \\boxed{2}",
+        3,
+    ),
+]
+
+
+def _trl_batch() -> list[Rollout]:
+    """Rollouts as the driver builds them from rows (prompt, columns) and the engine returns them."""
+    tok = build_tokenizer()
+    batch = []
+    for i, (row, text, length) in enumerate(TRL_ROWS):
+        prompt = rollout_prompt(tok, row, f"5:{i}:{row['prompt_id']}")
+        batch.append(
+            Rollout(
+                prompt_id=prompt.prompt_id,
+                prompt_ids=tok.encode(prompt.text, add_special_tokens=False),
+                response_ids=[7] * length,
+                response_logprobs=[0.0] * length,
+                finish_reason="stop",
+                version=0,
+                prompt_text=prompt.text,
+                response_text=text,
+                columns=dict(prompt.columns),
+            )
+        )
+    return batch
+
+
+def test_trl_reward_functions_score_unchanged_through_reward_workers(ray_local) -> None:
+    from trl.rewards import accuracy_reward, think_format_reward
+
+    specs = [
+        RewardSpec(import_path="trl.rewards:accuracy_reward"),
+        RewardSpec(import_path="trl.rewards:think_format_reward", weight=0.5),
+        RewardSpec(
+            import_path="trl.rewards:get_soft_overlong_punishment",
+            factory=True,
+            options={"max_completion_len": 10, "soft_punish_cache": 4},
+        ),
+        RewardSpec(name="math"),  # a built-in beside them, on the same conversational completions
+    ]
+    group = RewardGroup(specs, RewardWorkersConfig(num_workers=1))
+    try:
+        out = score_rollouts(group, _trl_batch())
+    finally:
+        group.shutdown()
+    accuracy, think, overlong, math = (s.label for s in specs)
+    # right, wrong, right; the plain-text row fails in TRL's functions (they index completion[0]["content"])
+    assert out.per_reward[accuracy] == [1.0, 0.0, 1.0, None]
+    assert out.per_reward[think] == [1.0, 1.0, 0.0, None]
+    # DAPO soft overlong punishment with L_max = 10, L_cache = 4:
+    # |y| <= 6 -> 0; |y| = 8 -> (6 - 8) / 4 = -0.5; |y| = 12 > 10 -> -1
+    assert out.per_reward[overlong] == [0.0, -0.5, -1.0, 0.0]
+    assert out.per_reward[math] == [1.0, 0.0, 1.0, 1.0]
+    # weighted sums: 1 + 0.5 + 0 + 1; 0 + 0.5 - 0.5 + 0; 1 + 0 - 1 + 1; (None, None) + 0 + 1
+    assert out.total == [2.5, 0.0, 1.0, 1.0]
+    assert out.errors[accuracy] == out.errors[think] == 1 and out.errors[overlong] == 0
+    failure = out.info[accuracy][3]
+    assert failure["prompt_id"] == "5:3:plain" and failure["error"].startswith("TypeError")
+    # the same functions called directly on the conversational samples agree with the workers
+    chat = [[{"role": "assistant", "content": text}] for _, text, _ in TRL_ROWS[:3]]
+    assert accuracy_reward(chat, solution=[row["solution"] for row, _, _ in TRL_ROWS[:3]]) == [1.0, 0.0, 1.0]
+    assert think_format_reward(chat) == [1.0, 1.0, 0.0]

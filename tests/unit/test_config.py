@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rlstack.cli import main
-from rlstack.config import ConfigError, RunConfig, load_config
+from rlstack.config import ConfigError, RunConfig, check_resume_config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,3 +126,75 @@ def test_weight_sync_choice_picks_the_backend(sync: str, transport: str | None) 
 def test_unknown_weight_sync_is_refused_naming_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"rollout.weight_sync.*object_store.*nccl.*gloo"):
         load_config(None, ["rollout.weight_sync=shm"])
+
+
+def test_gspo_resolves_loss_norm_to_seq_mean_unless_set(tmp_path: Path) -> None:
+    gspo = load_config(None, ["algorithm.name=gspo"])
+    assert gspo.algorithm.loss_norm == "seq_mean"
+    assert gspo.model_dump(mode="json")["algorithm"]["loss_norm"] == "seq_mean"  # what the run dir records
+    assert load_config(None, []).algorithm.loss_norm == "token_mean"
+    explicit = load_config(None, ["algorithm.name=gspo", "algorithm.loss_norm=token_mean"])
+    assert explicit.algorithm.loss_norm == "token_mean"
+    assert (
+        main(["config", str(REPO / "configs/demo.yaml"), "algorithm.name=gspo", "--out", str(tmp_path)]) == 0
+    )
+    resolved = yaml.safe_load((tmp_path / "config.resolved.yaml").read_text())["algorithm"]
+    assert (resolved["name"], resolved["loss_norm"]) == ("gspo", "token_mean")  # demo.yaml sets it explicitly
+
+
+def _started_run(tmp_path: Path, overrides: list[str]) -> tuple[Path, RunConfig]:
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"trainer.run_dir={run_dir}", *overrides])
+    dump_config(cfg, run_dir / "config.resolved.yaml")
+    return run_dir, cfg
+
+
+def test_check_resume_config_lists_changed_keys(tmp_path: Path) -> None:
+    run_dir, cfg = _started_run(tmp_path, ["rewards=[{name: math}]"])
+    assert check_resume_config(run_dir, cfg, allow_change=False) == []
+    # moving the directory, or extending the run, is no change
+    same = load_config(None, ["trainer.run_dir=elsewhere", "trainer.steps=500", "rewards=[{name: math}]"])
+    assert check_resume_config(run_dir, same, allow_change=False) == []
+
+    new = load_config(
+        None,
+        [
+            f"trainer.run_dir={run_dir}",
+            "algorithm.name=gspo",
+            "rewards=[{name: math, weight: 2}, {name: puzzle}]",
+        ],
+    )
+    changes = check_resume_config(run_dir, new, allow_change=True)
+    assert changes[:4] == [
+        'algorithm.name: "mispo" -> "gspo"',
+        'algorithm.loss_norm: "token_mean" -> "seq_mean"',  # follows the algorithm (nobody set it)
+        "rewards.0.weight: 1.0 -> 2.0",
+        'rewards.1.name: <absent> -> "puzzle"',
+    ]
+    # the rest: the other fields of the added reward, e.g. its weight
+    assert "rewards.1.weight: <absent> -> 1.0" in changes
+    assert all(line.startswith("rewards.1.") and "<absent> ->" in line for line in changes[4:])
+    with pytest.raises(ConfigError) as err:
+        check_resume_config(run_dir, new, allow_change=False)
+    message = str(err.value)
+    assert (
+        message.startswith(f"--resume {run_dir}: the config differs") and "--allow-config-change" in message
+    )
+    assert all(f"\n  {line}\n" in message + "\n" for line in changes)
+
+
+def test_check_resume_config_reports_keys_missing_from_either_side(tmp_path: Path) -> None:
+    run_dir, cfg = _started_run(tmp_path, [])
+    old = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    del old["algorithm"]["kl_coef"]  # written by an older rlstack without the key
+    old["algorithm"]["retired_option"] = 3  # a key this rlstack no longer has
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(old))
+    assert check_resume_config(run_dir, cfg, allow_change=True) == [
+        "algorithm.retired_option: 3 -> <absent>",
+        "algorithm.kl_coef: <absent> -> 0.0",
+    ]
+
+
+def test_check_resume_config_needs_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no config\.resolved\.yaml there"):
+        check_resume_config(tmp_path, load_config(None, []), allow_change=True)

@@ -23,8 +23,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from rlstack.config_base import StrictModel
 from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE
 from rlstack.rewards.judges.pairwise import grouped_bt_win_rates, swapped_wins, win_probability
 from rlstack.rewards.judges.parsing import STATS, parse_score
@@ -37,54 +40,70 @@ from rlstack.rewards.judges.prompts import (
     render,
 )
 from rlstack.rewards.judges.worker import JudgeOutput, JudgeSettings, judge_generate
-from rlstack.rewards.registry import RewardResult, register
+from rlstack.rewards.registry import RewardResult, register, split_options
 
 logger = logging.getLogger(__name__)
 
-MODES = ("pointwise", "pairwise")
-PAIRWISE_REWARDS = ("bradley_terry", "win_rate")
 INFO_CHARS = 400
 """Characters of each judge reply kept in the sample's info."""
 
 
-def judge_settings(
-    name: str,
-    model: str = DEFAULT_JUDGE,
-    num_cpus: float = 1.0,
-    threads: int | None = None,
-    kv_cache_mb: int = 256,
-    max_model_len: int = 1024,
-    max_num_seqs: int = 32,
-    seed: int = 0,
-) -> JudgeSettings:
-    """The judge-engine options every judge reward takes, checked, naming the reward on a bad value."""
-    if not isinstance(model, str) or not model:
-        raise ValueError(
-            f"{name}: option model must be '{DEFAULT_JUDGE}' or a checkpoint path, got {model!r}"
+class JudgeOptions(StrictModel):
+    """Options every judge reward (genrm, metarm) takes: the judge's sampling, templates and engine."""
+
+    max_tokens: int = Field(64, ge=1)
+    """Tokens of each judge reply."""
+    temperature: float = Field(0.0, ge=0.0)
+    """Judge sampling temperature (0: greedy)."""
+    template: str | None = None
+    """The user-turn template: a built-in name or a file (None: the reward's default)."""
+    system_template: str | None = "system"
+    """The system-turn template (None: no system turn)."""
+    model: str = Field(DEFAULT_JUDGE, min_length=1)
+    """`smollm2-135m` (the default judge) or an HF checkpoint directory."""
+    num_cpus: float = Field(1.0, ge=0.0)
+    """Ray CPUs the judge actor reserves (0 shares the cores of the rollout and learner actors)."""
+    threads: int | None = Field(None, ge=1)
+    """Torch threads of the engine; None = max(1, floor(num_cpus))."""
+    kv_cache_mb: int = Field(256, ge=1)
+    """KV-cache size of the judge engine, MiB."""
+    max_model_len: int = Field(1024, ge=64)
+    """Longest judge prompt + verdict; longer prompts are cut in the middle."""
+    max_num_seqs: int = Field(32, ge=1)
+    """Judge requests batched at once."""
+    seed: int = 0
+    """Seed of the judge engine."""
+
+    def settings(self) -> JudgeSettings:
+        """The judge engine these options ask for (equal settings share one judge actor)."""
+        model = self.model
+        if model != DEFAULT_JUDGE:  # the judge actor may run in another working directory
+            model = str(Path(model).expanduser().resolve())
+        return JudgeSettings(
+            model,
+            self.num_cpus,
+            self.threads,
+            self.kv_cache_mb,
+            self.max_model_len,
+            self.max_num_seqs,
+            self.seed,
         )
-    for key, value, low in (
-        ("kv_cache_mb", kv_cache_mb, 1),
-        ("max_model_len", max_model_len, 64),
-        ("max_num_seqs", max_num_seqs, 1),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: option {key} must be an integer >= {low}, got {value!r}")
-    if not isinstance(num_cpus, int | float) or num_cpus < 0:
-        raise ValueError(f"{name}: option num_cpus must be >= 0, got {num_cpus!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{name}: option threads must be an integer >= 1 (or null), got {threads!r}")
-    if model != DEFAULT_JUDGE:  # the judge actor may run in another working directory
-        model = str(Path(model).expanduser().resolve())
-    return JudgeSettings(model, float(num_cpus), threads, kv_cache_mb, max_model_len, max_num_seqs, seed)
 
 
-def check_sampling(name: str, max_tokens: Any, temperature: Any, samples: Any) -> None:
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"{name}: option max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"{name}: option temperature must be >= 0, got {temperature!r}")
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"{name}: option samples must be an integer >= 1, got {samples!r}")
+class GenRMOptions(JudgeOptions):
+    """Options of the `genrm` reward (see the module docstring)."""
+
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+    """pointwise: a 0-10 score per completion; pairwise: verdicts against the reference answer."""
+    samples: int | None = Field(None, ge=1)
+    """Verdicts per completion (default 1 pointwise, 2 pairwise: one per A/B order; with temperature 0 at
+    most one per order, as greedy replies repeat)."""
+    reference_column: str = "solution"
+    """Pairwise: the column holding the reference answer."""
+    pairwise_reward: Literal["bradley_terry", "win_rate"] = "bradley_terry"
+    """Pairwise: the Bradley-Terry win rate within the prompt's group, or P(win) itself."""
+    prior: float = Field(0.5, ge=0.0)
+    """Pairwise: the prior α added to the wins in P(win)."""
 
 
 def check_columns(name: str, columns: dict[str, Any], n: int) -> None:
@@ -106,69 +125,41 @@ def log_failure(name: str, index: int, text: str) -> None:
     logger.warning("%s: no verdict in the judge's reply for sample %d: %r", name, index, text[:300])
 
 
-@register("genrm")
-def genrm_reward(
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    *,
-    mode: str = "pointwise",
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    samples: int | None = None,
-    reference_column: str = "solution",
-    pairwise_reward: str = "bradley_terry",
-    prior: float = 0.5,
-    template: str | None = None,
-    system_template: str | None = "system",
-    model: str = DEFAULT_JUDGE,
-    num_cpus: float = 1.0,
-    threads: int | None = None,
-    kv_cache_mb: int = 256,
-    max_model_len: int = 1024,
-    max_num_seqs: int = 32,
-    seed: int = 0,
-    **columns: Any,
-) -> RewardResult:
+@register("genrm", options=GenRMOptions)
+def genrm_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> RewardResult:
     """Judge scores in [0, 1] (or None: no readable verdict / no reference), with the judge's text as info.
-
-    Options: `mode` pointwise|pairwise; `samples` verdicts per completion (default 1 pointwise, 2
-    pairwise: one per A/B order; with temperature 0 at most one per order, as greedy replies repeat);
-    `reference_column` (pairwise); `pairwise_reward` bradley_terry|win_rate; `prior` α of P(win);
-    `template`/`system_template` (a built-in name or a file); the judge engine: `model`, `num_cpus`,
-    `threads`, `kv_cache_mb`, `max_model_len`, `max_num_seqs`, `seed`.
-    """
-    if mode not in MODES:
-        raise ValueError(f"genrm: option mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if pairwise_reward not in PAIRWISE_REWARDS:
-        raise ValueError(
-            f"genrm: option pairwise_reward must be one of {', '.join(PAIRWISE_REWARDS)}, "
-            f"got {pairwise_reward!r}"
-        )
-    if not isinstance(prior, int | float) or prior < 0:
-        raise ValueError(f"genrm: option prior must be >= 0, got {prior!r}")
-    samples = samples if samples is not None else (1 if mode == "pointwise" else 2)
-    check_sampling("genrm", max_tokens, temperature, samples)
+    Options: `GenRMOptions`; the other keywords are dataset columns."""
+    options, columns = split_options(GenRMOptions, kwargs, "genrm")
+    samples = options.samples or (1 if options.mode == "pointwise" else 2)
     check_columns("genrm", columns, len(completions))
-    settings = judge_settings(
-        "genrm", model, num_cpus, threads, kv_cache_mb, max_model_len, max_num_seqs, seed
-    )
-    system = load_template(system_template) if system_template else None
-    sampling = {"max_tokens": max_tokens, "temperature": float(temperature)}
-    if mode == "pointwise":
+    settings = options.settings()
+    system = load_template(options.system_template) if options.system_template else None
+    sampling = {"max_tokens": options.max_tokens, "temperature": options.temperature}
+    template = options.template
+    if options.mode == "pointwise":
         user = load_template(template or "pointwise")
         check_template(user, {"question", "response"}, template or "pointwise")
         return _pointwise(prompts, completions, settings, user, system, samples, sampling)
     user = load_template(template or "pairwise")
     check_template(user, {"question", "response_a", "response_b"}, template or "pairwise")
+    reference_column = options.reference_column
     if reference_column not in columns:
         raise ValueError(
             f"genrm pairwise: no '{reference_column}' column to compare with (option reference_column); "
             f"columns: {', '.join(sorted(columns)) or '(none)'}"
         )
     p_win, info = pairwise_win_probabilities(
-        prompts, completions, columns[reference_column], settings, user, system, samples, prior, sampling
+        prompts,
+        completions,
+        columns[reference_column],
+        settings,
+        user,
+        system,
+        samples,
+        options.prior,
+        sampling,
     )
-    if pairwise_reward == "win_rate":
+    if options.pairwise_reward == "win_rate":
         return RewardResult(p_win, info)
     groups = [
         (question_text(p), clean_text(r)) for p, r in zip(prompts, columns[reference_column], strict=True)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
 from rlstack.rewards.judges.genrm import (
+    JudgeOptions,
     check_columns,
-    check_sampling,
     genrm_reward,
-    judge_settings,
     log_failure,
     verdict_info,
 )
@@ -49,12 +49,78 @@ from rlstack.rewards.judges.prompts import (
     render,
 )
 from rlstack.rewards.judges.worker import judge_generate
-from rlstack.rewards.registry import RewardResult, call_reward_with_info, get_reward, register
+from rlstack.rewards.registry import (
+    RewardResult,
+    call_reward_with_info,
+    get_reward,
+    options_model,
+    parse_options,
+    register,
+    split_options,
+)
 
 logger = logging.getLogger(__name__)
 
-COMBINES = ("subtract", "multiply")
-OUTPUTS = ("combined", "adjustment")
+
+class MetaRMOptions(JudgeOptions):
+    """Options of the `metarm` reward (see the module docstring), besides the judge's (`JudgeOptions`)."""
+
+    base: str = "genrm"
+    """The registered reward giving the verdict: genrm, or a verifier such as math or preference."""
+    base_options: dict[str, Any] = Field(default_factory=dict)
+    """Options of the base reward, checked against its options model."""
+    rationale: str = "auto"
+    """auto | judge | completion | column:NAME: where the reasoning to audit comes from."""
+    penalty: float = 0.5
+    """Taken off a right verdict whose reasoning is unsound (<= 1 with combine: multiply)."""
+    combine: Literal["subtract", "multiply"] = "subtract"
+    """reward = base - penalty, or base * (1 - penalty)."""
+    output: Literal["combined", "adjustment"] = "combined"
+    """The combined reward, or only reward - base (to be summed with the base reward listed on its own)."""
+    right_threshold: float = 0.5
+    """A base score at least this counts as a right verdict (audited)."""
+    sound_threshold: float = 0.5
+    """Soundness below this penalises."""
+    samples: int = Field(1, ge=1)
+    """MetaRM verdicts per audited sample."""
+
+    @property
+    def source(self) -> str:
+        """The rationale with `auto` resolved: `judge` for a genrm base, else `completion`."""
+        if self.rationale == "auto":
+            return "judge" if self.base == "genrm" else "completion"
+        return self.rationale
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, base: str) -> str:
+        if base == "metarm":
+            raise ValueError("metarm cannot be its own base")
+        get_reward(base)  # an unknown name fails here, naming the rewards there are
+        return base
+
+    @field_validator("base_options")
+    @classmethod
+    def _base_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        base = info.data.get("base")
+        model = options_model(get_reward(base)) if base is not None else None
+        if model is not None:
+            parse_options(model, options, base)
+        return options
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaRMOptions:
+        if self.penalty < 0 or (self.combine == "multiply" and self.penalty > 1):
+            raise ValueError(
+                f"option penalty must be >= 0 (<= 1 with combine: multiply), got {self.penalty!r}"
+            )
+        if self.source not in ("judge", "completion") and not self.source.startswith("column:"):
+            raise ValueError(
+                f"option rationale must be auto, judge, completion or column:NAME, got {self.rationale!r}"
+            )
+        if self.source == "judge" and self.base != "genrm":
+            raise ValueError("rationale 'judge' needs base: genrm (a verifier has no judge text)")
+        return self
 
 
 def apply_penalty(base: float, penalised: bool, penalty: float, combine: str) -> float:
@@ -89,69 +155,24 @@ def _rationale(source: str, i: int, completion: Any, base_info: dict[str, Any] |
     return clean_text(columns[source.removeprefix("column:")][i])
 
 
-@register("metarm")
-def metarm_reward(
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    *,
-    base: str = "genrm",
-    base_options: dict[str, Any] | None = None,
-    rationale: str = "auto",
-    penalty: float = 0.5,
-    combine: str = "subtract",
-    output: str = "combined",
-    right_threshold: float = 0.5,
-    sound_threshold: float = 0.5,
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    samples: int = 1,
-    template: str | None = None,
-    system_template: str | None = "system",
-    model: str = DEFAULT_JUDGE,
-    num_cpus: float = 1.0,
-    threads: int | None = None,
-    kv_cache_mb: int = 256,
-    max_model_len: int = 1024,
-    max_num_seqs: int = 32,
-    seed: int = 0,
-    **columns: Any,
-) -> RewardResult:
+@register("metarm", options=MetaRMOptions)
+def metarm_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> RewardResult:
     """Base reward, penalised where the verdict is right but the MetaRM judge finds the reasoning unsound;
-    None where the base reward is None. The judge-engine options are those of `genrm`."""
-    base_options = dict(base_options or {})
-    if base == "metarm":
-        raise ValueError("metarm: option base cannot be metarm itself")
-    if combine not in COMBINES:
-        raise ValueError(f"metarm: option combine must be one of {', '.join(COMBINES)}, got {combine!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"metarm: option output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    if not isinstance(penalty, int | float) or penalty < 0 or (combine == "multiply" and penalty > 1):
-        raise ValueError(
-            f"metarm: option penalty must be >= 0 (<= 1 with combine: multiply), got {penalty!r}"
-        )
-    source = ("judge" if base == "genrm" else "completion") if rationale == "auto" else rationale
-    if source not in ("judge", "completion") and not source.startswith("column:"):
-        raise ValueError(
-            f"metarm: option rationale must be auto, judge, completion or column:NAME, got {rationale!r}"
-        )
-    if source == "judge" and base != "genrm":
-        raise ValueError("metarm: rationale 'judge' needs base: genrm (a verifier has no judge text)")
+    None where the base reward is None. Options: `MetaRMOptions`; the other keywords are dataset columns."""
+    options, columns = split_options(MetaRMOptions, kwargs, "metarm")
+    source = options.source
     if source.startswith("column:") and source.removeprefix("column:") not in columns:
         raise ValueError(f"metarm: rationale {source!r} names a column the batch does not have")
-    check_sampling("metarm", max_tokens, temperature, samples)
     check_columns("metarm", columns, len(completions))
-    settings = judge_settings(
-        "metarm", model, num_cpus, threads, kv_cache_mb, max_model_len, max_num_seqs, seed
-    )
-    name = template or ("metarm_self" if source == "completion" else "metarm")
+    settings = options.settings()
+    name = options.template or ("metarm_self" if source == "completion" else "metarm")
     user = load_template(name)
     check_template(user, {"question", "response", "verdict", "rationale"}, name)
-    system = load_template(system_template) if system_template else None
-
-    base_scores, base_info = _base_scores(base, base_options, prompts, completions, columns)
+    system = load_template(options.system_template) if options.system_template else None
+    base_scores, base_info = _base_scores(options.base, options.base_options, prompts, completions, columns)
     audited, conversations = [], []
     for i, score in enumerate(base_scores):
-        if score is None or score < right_threshold:
+        if score is None or score < options.right_threshold:
             continue
         text = _rationale(source, i, completions[i], base_info[i], columns)
         if not text:
@@ -165,7 +186,11 @@ def metarm_reward(
         audited.append(i)
         conversations.append(conversation(render(user, **fields), system))
     outputs = judge_generate(
-        settings, conversations, n=samples, max_tokens=max_tokens, temperature=float(temperature)
+        settings,
+        conversations,
+        n=options.samples,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
     )
 
     scores: list[float | None] = [None if s is None else float(s) for s in base_scores]
@@ -180,16 +205,16 @@ def metarm_reward(
                 log_failure("metarm", i, text)
         readable = [v for v in parsed if v is not None]
         soundness = sum(readable) / len(readable) if readable else None
-        penalised = soundness is not None and soundness < sound_threshold
+        penalised = soundness is not None and soundness < options.sound_threshold
         base_score = float(base_scores[i])  # type: ignore[arg-type]
-        scores[i] = apply_penalty(base_score, penalised, float(penalty), combine)
+        scores[i] = apply_penalty(base_score, penalised, options.penalty, options.combine)
         info[i] = {
             **verdict_info(out.texts, soundness=soundness, penalised=penalised, truncated=out.truncated),
             "base": base_scores[i],
             "audited": True,
             "base_info": base_info[i],
         }
-    if output == "adjustment":
+    if options.output == "adjustment":
         scores = [
             None if s is None or b is None else s - float(b) for s, b in zip(scores, base_scores, strict=True)
         ]

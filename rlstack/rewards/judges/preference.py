@@ -14,15 +14,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rlstack.config_base import StrictModel
 from rlstack.rewards.extract import completion_text
 from rlstack.rewards.judges.parsing import parse_preference
-from rlstack.rewards.registry import register
+from rlstack.rewards.registry import register, split_options
 
 
-@register("preference")
+class PreferenceOptions(StrictModel):
+    """Options of the `preference` reward."""
+
+    label_column: str = "answer"
+    """The column holding the gold choice, A or B."""
+
+
+@register("preference", options=PreferenceOptions)
 def preference_reward(
-    prompts: Sequence[Any], completions: Sequence[Any], *, label_column: str = "answer", **columns: Any
+    prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
 ) -> list[float | None]:
+    """1.0 where the completion's single bracketed choice is the gold label, else 0.0; None without one."""
+    options, columns = split_options(PreferenceOptions, kwargs, "preference")
+    label_column = options.label_column
     labels = columns.get(label_column)
     if labels is None:
         return [None] * len(completions)

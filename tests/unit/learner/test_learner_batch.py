@@ -47,7 +47,9 @@ def test_collate_positions_masks_and_padding(rollouts: list[Rollout]) -> None:
     )
     assert b.group_ids.tolist() == [0, 1, 0]  # same prompt id -> same group
     assert b.truncated.tolist() == [False, True, False]
-    assert b.versions.tolist() == [3, 0, 0]
+    assert b.oldest_versions().tolist() == [3, 0, 0]
+    # per-token versions sit at the token's position, 0 off the response
+    assert b.token_versions.tolist() == [[0, 0, 3, 3, 3], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
     assert b.rewards[:2].tolist() == [1.0, 0.0] and torch.isnan(b.rewards[2])  # no reward yet -> NaN
     assert b.old_logp is None and b.advantages is None and b.filter is None
 
@@ -72,7 +74,7 @@ def test_select_split_cat_round_trip(rollouts: list[Rollout]) -> None:
     assert [len(s) for s in shards] == [2, 1]
     assert [len(s) for s in b.split(5)] == [1, 1, 1, 0, 0]
     again = PolicyBatch.cat(shards)
-    for name in ("input_ids", "loss_mask", "rollout_logp", "old_logp", "advantages", "rewards", "versions"):
+    for name in ("input_ids", "loss_mask", "rollout_logp", "old_logp", "advantages", "rewards", "token_versions"):
         assert torch.equal(torch.nan_to_num(getattr(again, name)), torch.nan_to_num(getattr(b, name))), name
     assert torch.equal(again.filter.combined, b.filter.combined)
     picked = b.select([2, 0])

@@ -95,8 +95,9 @@ def _with_returns(batch: PolicyBatch, vm: ValueModel) -> PolicyBatch:
     """Critic advantages and returns as the driver makes them (some rows truncated: bootstrapped)."""
     truncated = torch.arange(len(batch)) % 4 == 1
     batch = batch.replace(truncated=truncated)
-    with torch.no_grad():
-        values = vm(batch.input_ids, batch.attention_mask)
+    with torch.no_grad():  # one padding column more: its value is the state after the last token
+        pad = torch.nn.functional.pad
+        values = vm(pad(batch.input_ids, (0, 1)), pad(batch.attention_mask, (0, 1)))  # (B, L + 1)
     adv, returns = compute_advantages(
         ALGO, batch.rewards, batch.loss_mask, values=values, truncated=truncated, group_ids=batch.group_ids
     )
@@ -235,8 +236,9 @@ def _fixed_returns(batch: PolicyBatch) -> torch.Tensor:
 
 
 def _masked_mse(values: torch.Tensor, batch: PolicyBatch) -> float:
+    """values (B, L + 1) from compute_values; its last column is the state after the last token."""
     mask = batch.loss_mask.bool()
-    return float(((values - batch.returns)[mask] ** 2).mean())
+    return float(((values[:, :-1] - batch.returns)[mask] ** 2).mean())
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -247,12 +249,19 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_engine_values_match_the_value_model(worker, tiny_checkpoint: Path, ragged_batch) -> None:
     b = ragged_batch
     values = worker.compute_values(b)
-    assert values.shape == b.input_ids.shape
-    assert float(values[:, 0].abs().max()) == 0.0 and float(values[b.attention_mask == 0].abs().max()) == 0.0
+    B, L = b.input_ids.shape
+    assert values.shape == (B, L + 1)  # V(s_t) per position, plus the state after the last token
+    ids = torch.nn.functional.pad(b.input_ids, (0, 1))  # (B, L + 1)
+    attn = torch.nn.functional.pad(b.attention_mask, (0, 1))  # (B, L + 1)
+    # kept: position t whose preceding token t - 1 is real, i.e. 1..n_b (n_b = the state after the last)
+    keep = torch.nn.functional.pad(attn[:, :-1], (1, 0))  # (B, L + 1)
+    assert float(values[:, 0].abs().max()) == 0.0 and float(values[keep == 0].abs().max()) == 0.0
+    lengths = b.attention_mask.sum(-1)  # (B,)
+    assert bool((values.gather(-1, lengths[:, None]) != 0).all())  # the state after the last token is kept
     vm = ValueModel.from_policy(tiny_checkpoint)
     vm.load_state_dict(worker.critic_weights())  # gathered from ZeRO-3 partitions
     with torch.no_grad():
-        expected = vm(b.input_ids, b.attention_mask) * b.attention_mask
+        expected = vm(ids, attn) * keep
     torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
 
 

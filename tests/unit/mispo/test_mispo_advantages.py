@@ -62,26 +62,45 @@ def test_group_argument_errors():
 
 def test_critic_advantages_with_truncation_bootstrap():
     rewards = torch.tensor([1.0, 0.0])
-    values = torch.tensor([[0.2, 0.5, 0.9, 7.0], [0.1, 0.3, 0.4, 0.6]])
+    # values (B, T + 1): V(s_t) at t = 0..3 and, in the extra column, the state after the last token
+    values = torch.tensor([[0.2, 0.5, 0.9, 7.0, 8.0], [0.1, 0.3, 0.4, 0.6, 0.55]])
     loss_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     truncated = torch.tensor([False, True])
     adv, ret = critic_advantages(rewards, values, loss_mask, truncated)
-    # row 0 finished: R = 1, A_t = 1 - V = [0.8, 0.5, 0.1], padding 0 (its value 7 is ignored)
-    # row 1 hit the length limit: R = V(s_T) = 0.6 (not its reward 0), A = [0.5, 0.3, 0.2, 0.0]
-    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.6, 0.6, 0.6, 0.6]]))
-    torch.testing.assert_close(adv, torch.tensor([[0.8, 0.5, 0.1, 0.0], [0.5, 0.3, 0.2, 0.0]]))
+    # row 0 finished: R = 1, A_t = 1 - V = [0.8, 0.5, 0.1], padding 0 (its values 7, 8 are ignored)
+    # row 1 hit the length limit: R = V(s_T) = 0.55, the state AFTER its last token (t = 3), not
+    # V(s_3) = 0.6, the state before it; A = 0.55 - V = [0.45, 0.25, 0.15, -0.05]
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.55, 0.55, 0.55, 0.55]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.8, 0.5, 0.1, 0.0], [0.45, 0.25, 0.15, -0.05]]))
+
+
+def test_critic_values_need_the_state_after_the_last_token():
+    with pytest.raises(ValueError, match=r"\(B, T \+ 1\)"):
+        critic_advantages(torch.ones(1), torch.zeros(1, 4), torch.ones(1, 4), torch.tensor([True]))
 
 
 def test_critic_bootstrap_uses_last_generated_token_not_tool_output():
     # multi-turn: a tool-output token (mask 0) at t = 3 after the last generated token at t = 2
-    values = torch.tensor([[0.1, 0.2, 0.3, 0.9]], requires_grad=True)
+    values = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.4]], requires_grad=True)
     adv, ret = critic_advantages(
         torch.tensor([5.0]), values, torch.tensor([[1, 0, 1, 0]]), torch.tensor([True])
     )
-    # R = V at t = 2 = 0.3 -> A = [0.3 - 0.1, 0, 0.3 - 0.3, 0] = [0.2, 0, 0, 0]
-    torch.testing.assert_close(ret, torch.tensor([[0.3, 0.0, 0.3, 0.0]]))
-    torch.testing.assert_close(adv, torch.tensor([[0.2, 0.0, 0.0, 0.0]]))
+    # R = V(state after the token at t = 2) = values[3] = 0.9 -> A = [0.9 - 0.1, 0, 0.9 - 0.3, 0]
+    torch.testing.assert_close(ret, torch.tensor([[0.9, 0.0, 0.9, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.8, 0.0, 0.6, 0.0]]))
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_unscored_samples_leave_their_group_statistics():
+    # group 0 = [1, 0, NaN, 0]: the NaN (unscored) sample is left out: mean 1/3, unbiased var
+    # ((2/3)^2 + 2 (1/3)^2) / 2 = 1/3 -> std 0.57735; A = [1.1547, -0.57735, 0, -0.57735]
+    # group 1 = [NaN, NaN]: nothing scored -> 0, not NaN
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 0.0, float("nan"), float("nan")])
+    adv = group_advantages(rewards, group_ids=torch.tensor([0, 0, 0, 0, 1, 1]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([1.154701, -0.577350, 0.0, -0.577350, 0.0, 0.0]))
+    # the scored members get exactly what the group without the unscored sample would give them
+    alone = group_advantages(torch.tensor([1.0, 0.0, 0.0]), group_size=3, eps=0.0)
+    torch.testing.assert_close(adv[[0, 1, 3]], alone)
 
 
 def test_compute_advantages_dispatch():
@@ -94,6 +113,6 @@ def test_compute_advantages_dispatch():
     with pytest.raises(ValueError, match="critic"):
         compute_advantages(critic, torch.tensor([1.0, 0.0]), loss_mask)
     adv, ret = compute_advantages(
-        critic, torch.tensor([1.0, 0.0]), loss_mask, values=torch.full((2, 3), 0.25), truncated=torch.zeros(2)
+        critic, torch.tensor([1.0, 0.0]), loss_mask, values=torch.full((2, 4), 0.25), truncated=torch.zeros(2)
     )
     torch.testing.assert_close(adv, torch.tensor([[0.75, 0.75, 0.0], [-0.25, 0.0, 0.0]]))

@@ -178,33 +178,90 @@ def test_adaptive_state_dict_round_trip_through_torch_save():
     )
 
 
-def test_stochastic_acceptance_probability_extremes():
-    filt = StochasticTrajFilter(seed=0)
-    # rho = 1 -> min(rho, 1/rho) = 1: always kept; |log rho| = 50 -> p = e^-50: never kept
-    assert filt(torch.zeros(100)).all()
-    assert not filt(torch.full((100,), 50.0)).any()
-    assert not filt(torch.full((100,), -50.0)).any()
+def _binomial_tol(p: float, n: int) -> float:
+    """5 standard deviations of an empirical acceptance rate over n draws (flaky with prob ~ 6e-7)."""
+    return 5 * math.sqrt(p * (1 - p) / n) + 1e-9
+
+
+def test_stochastic_acceptance_probability_formula():
+    filt = StochasticTrajFilter(seed=0, tau=0.002)
+    # p = exp(-|log rho| / tau): |log rho| = 0 -> 1; 0.001 -> e^-0.5; -0.004 -> e^-2; NaN -> 0 (rejected)
+    log_rho = torch.tensor([0.0, 0.001, -0.004, float("nan")])
+    expected = [1.0, 0.6065307, 0.1353353, 0.0]
+    assert filt.accept_prob(log_rho).tolist() == pytest.approx(expected, abs=1e-7)
+    assert filt(torch.zeros(10_000)).all()  # u < 1 always: a perfectly on-policy trajectory is always kept
+    assert not filt(torch.full((100,), float("nan"))).any()
+
+
+@pytest.mark.parametrize(
+    ("log_rho", "p"),
+    [
+        (0.002 * math.log(2), 0.5),  # tau ln 2 -> exactly half kept
+        (-0.001, math.exp(-0.5)),  # 0.606531
+        (0.004, math.exp(-2.0)),  # 0.135335
+    ],
+)
+def test_stochastic_empirical_acceptance_matches_the_formula(log_rho: float, p: float):
+    n = 20_000
+    kept = StochasticTrajFilter(seed=1, tau=0.002)(torch.full((n,), log_rho))
+    assert abs(kept.double().mean().item() - p) < _binomial_tol(p, n)
+
+
+def test_stochastic_default_scale_matters_at_real_ratios():
+    cfg = AlgorithmConfig(traj_filter="stochastic")
+    filt = MISFilter(cfg).stochastic
+    assert filt.tau == cfg.stochastic_tau == 0.0036
+    # half rejected at |log rho| = 0.0025, the mean of the fixed band's log half-widths 0.0010 and 0.0040:
+    # exp(-0.0025 / 0.0036) = exp(-0.694444) = 0.499352
+    p_mid, p_real, p_tiny = filt.accept_prob(torch.tensor([0.0025, 0.01, 1e-4], dtype=torch.float64)).tolist()
+    assert p_mid == pytest.approx(0.499352, abs=1e-6)
+    assert p_real == pytest.approx(math.exp(-0.01 / 0.0036), abs=1e-9)  # 0.062177: mostly rejected
+    assert p_tiny == pytest.approx(math.exp(-1e-4 / 0.0036), abs=1e-9)  # 0.972604: mostly kept
+    # the old rule, min(rho, 1/rho) = exp(-|log rho|), would keep 99% at |log rho| = 0.01
+    assert math.exp(-0.01) > 0.99
+
+
+def test_stochastic_rejects_a_bad_scale():
+    with pytest.raises(ValueError, match=r"tau = 0\.0 must be > 0"):
+        StochasticTrajFilter(seed=0, tau=0.0)
 
 
 def test_stochastic_reproducible_with_seed_and_resumable():
-    log_rho = torch.full((2000,), math.log(2.0))  # p = min(2, 1/2) = 0.5
-    a, b, c = StochasticTrajFilter(7), StochasticTrajFilter(7), StochasticTrajFilter(8)
+    log_rho = torch.full((2000,), 0.001 * math.log(2.0))  # p = 0.5 with tau = 0.001
+    a, b, c = StochasticTrajFilter(7, 0.001), StochasticTrajFilter(7, 0.001), StochasticTrajFilter(8, 0.001)
     draw_a = a(log_rho)
     assert torch.equal(draw_a, b(log_rho))
     assert not torch.equal(draw_a, c(log_rho))
-    assert abs(draw_a.double().mean().item() - 0.5) < 0.05
+    assert abs(draw_a.double().mean().item() - 0.5) < _binomial_tol(0.5, 2000)
     # resuming from a state dict continues the exact same stream
     state = a.state_dict()
     expected = a(log_rho)
-    resumed = StochasticTrajFilter(123)
+    resumed = StochasticTrajFilter(123, 0.001)
     resumed.load_state_dict(state)
     assert torch.equal(resumed(log_rho), expected)
 
 
+def test_stochastic_state_round_trips_through_torch_save():
+    cfg = AlgorithmConfig(traj_filter="stochastic", stochastic_tau=0.002, seed=4)
+    log_x = torch.full((500, 1), 0.002 * math.log(2.0))  # one token per row: log rho = log x, p = 0.5
+    old, rollout = _logps(log_x)
+    mask = torch.ones(500, 1)
+    a = MISFilter(cfg)
+    a(old, rollout, mask)  # advance the stream past the start
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = MISFilter(cfg.model_copy(update={"seed": 99}))  # the seed must not matter after loading
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    ra, rb = a(old, rollout, mask), b(old, rollout, mask)
+    assert torch.equal(ra.traj_mask, rb.traj_mask)
+    assert 0 < int(ra.traj_mask.sum()) < 500
+
+
 def test_stochastic_through_misfilter_same_seed_same_masks():
-    cfg = AlgorithmConfig(traj_filter="stochastic", seed=3)
+    cfg = AlgorithmConfig(traj_filter="stochastic", seed=3)  # default tau 0.0036
     torch.manual_seed(0)
-    log_x = 0.5 * torch.randn(64, 5)
+    log_x = 0.005 * torch.randn(64, 5)  # |log rho| ~ 0.002: real-scale ratios
     old, rollout = _logps(log_x)
     mask = torch.ones(64, 5)
     r1, r2 = MISFilter(cfg)(old, rollout, mask), MISFilter(cfg)(old, rollout, mask)

@@ -46,10 +46,11 @@ CONFIGS = [
     AlgorithmConfig(
         name="mispo", traj_filter="adaptive", adaptive_log_band_max=0.5, loss_norm="seq_mean", kl_coef=0.001
     ),
-    AlgorithmConfig(name="mispo", traj_filter="stochastic", seed=5),
+    AlgorithmConfig(name="mispo", traj_filter="stochastic", stochastic_tau=0.3, seed=5),
     AlgorithmConfig(name="grpo", tis_cap=2.0, kl_coef=0.001),
     AlgorithmConfig(name="ppo", loss_norm="seq_mean", advantage="critic"),
-    AlgorithmConfig(name="gspo", gspo_clip_eps=0.05, baseline_mis_masks=True, traj_filter="off"),
+    AlgorithmConfig(name="gspo", gspo_clip_eps=0.05, baseline_mis_masks=True, traj_filter="off"),  # seq_mean
+    AlgorithmConfig(name="gspo", gspo_clip_eps=0.05, loss_norm="token_mean", traj_filter="off"),
 ]
 
 
@@ -68,7 +69,7 @@ def test_batch_8x1_equals_1x8_accumulation(cfg):
     old_logp = base + 0.05 * noise[0]
     rollout_logp = old_logp + 0.4 * noise[1]
     ref_logp = base + 0.05 * noise[2]
-    values = torch.rand(B, T, generator=torch.Generator().manual_seed(1))
+    values = torch.rand(B, T + 1, generator=torch.Generator().manual_seed(1))
     adv, _ = compute_advantages(
         cfg, rewards, loss_mask, group_size=2, values=values, truncated=torch.arange(B) % 3 == 0
     )

@@ -274,11 +274,15 @@ def test_templates_render_and_unknown_ones_are_named() -> None:
 
 def test_bad_options_fail_naming_the_option_before_any_judge_starts(tmp_path) -> None:
     call = {"prompts": ["p"], "completions": ["c"]}
-    with pytest.raises(ValueError, match="genrm: option mode must be one of pointwise, pairwise"):
+    with pytest.raises(
+        ValueError, match="reward 'genrm': option 'mode': Input should be 'pointwise' or 'pairwise'"
+    ):
         genrm_reward(**call, mode="pairwse")
     with pytest.raises(ValueError, match="genrm: unknown option 'temprature'"):
         genrm_reward(**call, temprature=0.5)
-    with pytest.raises(ValueError, match="genrm: option max_tokens must be an integer >= 1"):
+    with pytest.raises(
+        ValueError, match="reward 'genrm': option 'max_tokens': Input should be greater than or equal to 1"
+    ):
         genrm_reward(**call, max_tokens=0)
     with pytest.raises(ValueError, match="genrm pairwise: no 'solution' column"):
         genrm_reward(**call, mode="pairwise")
@@ -286,13 +290,15 @@ def test_bad_options_fail_naming_the_option_before_any_judge_starts(tmp_path) ->
         bad = tmp_path / "bad.txt"
         bad.write_text("Q {question} {answer}")
         genrm_reward(**call, template=str(bad))
-    with pytest.raises(ValueError, match="metarm: option combine must be one of subtract, multiply"):
+    with pytest.raises(
+        ValueError, match="reward 'metarm': option 'combine': Input should be 'subtract' or 'multiply'"
+    ):
         metarm_reward(**call, combine="divide")
-    with pytest.raises(ValueError, match="metarm: option penalty must be >= 0"):
+    with pytest.raises(ValueError, match="reward 'metarm': option penalty must be >= 0"):
         metarm_reward(**call, penalty=2.0, combine="multiply")
     with pytest.raises(ValueError, match="rationale 'judge' needs base: genrm"):
         metarm_reward(**call, base="math", rationale="judge")
-    with pytest.raises(ValueError, match="base cannot be metarm"):
+    with pytest.raises(ValueError, match="reward 'metarm': option 'base': metarm cannot be its own base"):
         metarm_reward(**call, base="metarm")
 
 

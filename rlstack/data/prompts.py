@@ -1,0 +1,80 @@
+"""Prompts as datasets give them, as in TRL: a string (one user turn) or a conversation, a list of
+{"role", "content"} messages. Rendering them with the policy's chat template, and the rollout `Prompt` of a
+row, which carries the original prompt to the reward call.
+
+    >>> message_list_problem([{"role": "user", "content": "2+2?"}]) is None
+    True
+    >>> message_list_problem([{"role": "user", "text": "2+2?"}])
+    "message 1 has no 'content'"
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlstack.rollout.worker import Prompt
+
+PromptValue = str | list[dict[str, Any]]
+"""A row's prompt: a string, or a conversation (a list of {"role", "content", ...} messages)."""
+
+PROMPT_COLUMN = "prompt"
+"""Key of a rollout `Prompt`'s columns holding the row's original prompt (string or messages): it reaches
+reward plugins as `prompts`, never as a column of its own (as TRL leaves `prompt` out of the columns)."""
+
+ROW_ONLY = ("prompt_id",)
+"""Row fields that are not reward columns: the prompt id reaches the reward call as `sample_ids`."""
+
+
+def message_list_problem(value: Any) -> str | None:
+    """What is wrong with a conversational prompt, or None: a non-empty list of messages, each a mapping
+    with a non-empty string `role` and a string `content`, not all contents blank."""
+    if not isinstance(value, list) or not value:
+        return "a conversation must be a non-empty list of messages"
+    for number, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping):
+            return f"message {number} is not an object with 'role' and 'content' ({message!r:.60})"
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            return f"message {number} needs a 'role' (a non-empty string)"
+        if "content" not in message:
+            return f"message {number} has no 'content'"
+        if not isinstance(message["content"], str):
+            return f"message {number}: 'content' must be a string, got {type(message['content']).__name__}"
+    if not any(m["content"].strip() for m in value):
+        return "every message's content is empty"
+    return None
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether a prompt is a conversation (a list of messages) rather than a string."""
+    return isinstance(prompt, list)
+
+
+def prompt_key(prompt: PromptValue) -> str:
+    """A string that identifies a prompt (the string itself, or a conversation's canonical JSON)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def render_prompt(tokenizer: Any, prompt: PromptValue) -> str:
+    """The policy's input text: the chat template over the conversation (a string is one user message),
+    ending with the generation prompt of the assistant's turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def rollout_prompt(tokenizer: Any, row: Mapping[str, Any], prompt_id: str) -> Prompt:
+    """The rollout `Prompt` of a data row: its rendered text, and as columns the row's other fields plus its
+    original prompt under `PROMPT_COLUMN` (for the reward call)."""
+    from rlstack.rollout.worker import Prompt
+
+    columns = {k: v for k, v in row.items() if k not in ROW_ONLY}
+    return Prompt(prompt_id=prompt_id, text=render_prompt(tokenizer, row["prompt"]), columns=columns)
+
+
+def reward_prompt(columns: Mapping[str, Any], rendered: str) -> tuple[PromptValue, dict[str, Any]]:
+    """A rollout's (original prompt, reward columns): the prompt kept under `PROMPT_COLUMN` (else the
+    rendered text, for rollouts not made from a data row) and the other columns."""
+    prompt = columns.get(PROMPT_COLUMN, rendered)
+    return prompt, {k: v for k, v in columns.items() if k != PROMPT_COLUMN}
