@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from rlstack.driver import Trainer
 
-    with Trainer(config, resume=bool(args.resume)) as trainer:
+    with Trainer(config, resume=bool(args.resume), allow_config_change=args.allow_config_change) as trainer:
         result = trainer.fit(progress=not args.no_progress)
     print_eval_table(result["before"], result["after"])
     print(f"final checkpoint: {result['checkpoint']}")
@@ -228,6 +228,12 @@ def print_eval_table(before: dict | None, after: dict) -> None:
         key = f"{mode}_accuracy"
         cells = f"{before[key]:>10.1%}{after[key]:>10.1%}" if before else f"{after[key]:>10.1%}"
         print(f"{mode:<10}{cells}")
+    # responses the verifier could not score (error, time-out) are not in the accuracy: say how many
+    for mode in ("greedy", "sampled"):
+        key = f"{mode}_unscored"
+        counts = [int(d.get(key, 0)) for d in (before, after) if d]
+        if any(counts):
+            print(f"{mode + ' unscored':<18}" + "".join(f"{c:>10d}" for c in counts))
 
 
 def cmd_rewards_list(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rlstack.config import ConfigError, RunConfig, dump_config
+from rlstack.mispo.config import AlgorithmConfig
 from rlstack.types import Rollout
 
 CHECKPOINTS = "checkpoints"
@@ -185,6 +186,18 @@ class Trainer:
 
     # ---- stages ----------------------------------------------------------------------------------
 
+    def use_algorithm(self, algorithm: AlgorithmConfig) -> None:
+        """Train the next steps with another algorithm config (a fresh MIS filter state with it). The
+        learner's set-up must fit it: a critic for `advantage: critic`, a reference for `kl_coef > 0`."""
+        if (algorithm.advantage == "critic") != self.cfg.learner.critic.enabled:
+            raise ConfigError("use_algorithm: the learner's critic does not match algorithm.advantage")
+        if algorithm.kl_coef > 0.0 and not self.learner.has_reference:
+            raise ConfigError("use_algorithm: kl_coef > 0 needs a learner built with the reference policy")
+        from rlstack.mispo import MISFilter
+
+        self.cfg.algorithm = algorithm
+        self.mis_filter = MISFilter(algorithm)
+
     @property
     def max_staleness(self) -> int:
         """The staleness bound k: `trainer.max_staleness` in async mode, 0 in sync mode."""
@@ -296,7 +309,9 @@ class Trainer:
         self.step_index = state["step"]
         self.source.load_state_dict(state["source"])
         self.mis_filter.load_state_dict(state["mis_filter"])
-        self.queue = deque(Submitted(rows, step, rollouts=rollouts) for rows, step, rollouts in state["queue"])
+        self.queue = deque(
+            Submitted(rows, step, rollouts=rollouts) for rows, step, rollouts in state["queue"]
+        )
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
 
     def _save_samples(self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]]) -> None:

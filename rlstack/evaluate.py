@@ -38,6 +38,8 @@ def accuracy(
         scores = score_rollouts(rewards, generator.generate(prompts, sampling)).per_reward[label]
         scored = [s for s in scores if s is not None]
         # unscored responses (the verifier failed or timed out) are reported apart, never counted wrong
-        out[f"{mode}_accuracy"] = sum(1.0 for s in scored if s > 0.5) / len(scored) if scored else float("nan")
+        out[f"{mode}_accuracy"] = (
+            sum(1.0 for s in scored if s > 0.5) / len(scored) if scored else float("nan")
+        )
         out[f"{mode}_unscored"] = float(len(scores) - len(scored))
     return out

@@ -78,7 +78,9 @@ class LearnerGroup:
         ref = None if reference_path is None else str(reference_path)
         self.has_reference = ref is not None
         self.actors = [
-            actor_cls.remote(str(model_path), learner_cfg, rank, n, env, reference_path=ref, transform=transform)
+            actor_cls.remote(
+                str(model_path), learner_cfg, rank, n, env, reference_path=ref, transform=transform
+            )
             for rank in range(n)
         ]
         try:

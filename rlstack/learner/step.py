@@ -229,7 +229,11 @@ def accumulate_minibatch(
         if algo_cfg.kl_coef > 0.0 and ref_model is not None:
             with torch.no_grad():
                 ref = score_tokens(
-                    ref_model, mb.input_ids, mb.attention_mask, with_entropy=False, with_routing=False,
+                    ref_model,
+                    mb.input_ids,
+                    mb.attention_mask,
+                    with_entropy=False,
+                    with_routing=False,
                     transform=transform,
                 ).logp  # (b, l)
             mb = mb.replace(ref_logp=ref)

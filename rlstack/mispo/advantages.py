@@ -109,5 +109,7 @@ def compute_advantages(
         adv = group_advantages(rewards, group_ids, group_size, use_std=cfg.group_std, eps=cfg.adv_eps)  # (B,)
         return torch.where(mask, adv[:, None], 0.0), None
     if values is None or truncated is None:
-        raise ValueError("algorithm.advantage = 'critic' needs critic `values` (B, T + 1) and `truncated` (B,)")
+        raise ValueError(
+            "algorithm.advantage = 'critic' needs critic `values` (B, T + 1) and `truncated` (B,)"
+        )
     return critic_advantages(rewards, values, mask, truncated)

@@ -205,10 +205,13 @@ def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
 KL_ALGO = ALGO.model_copy(update={"kl_coef": 0.5})
 
 
-def test_kl_reference_is_frozen_partitioned_and_pulls_back(ray_cluster, tiny_checkpoint: Path) -> None:
+def test_kl_reference_is_frozen_partitioned_and_is_learning_signal(
+    ray_cluster, tiny_checkpoint: Path
+) -> None:
     """algorithm.kl_coef > 0: a frozen copy of the initial policy on every rank, sharded like the policy under
     ZeRO-3. Step 1 starts at pi_theta = pi_ref (KL exactly 0); later steps see KL > 0, and a step whose
-    advantages are all 0 still trains (the KL term is learning signal), while without KL it would not. 2 ranks under ZeRO-3 give stage 0 on 1 rank's numbers; the LR warm-up runs."""
+    advantages are all 0 still trains (the KL term is learning signal), while without KL it would not.
+    2 ranks under ZeRO-3 give stage 0 on 1 rank's numbers; the LR warm-up runs."""
     batch = make_batch(8, seed=4)
     no_adv = batch.replace(advantages=torch.zeros_like(batch.advantages))
     sched = {"lr_schedule": "cosine", "warmup_steps": 2, "lr_decay_steps": 4, "adam_eps": EPS}

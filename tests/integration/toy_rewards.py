@@ -43,3 +43,11 @@ def exits_the_process(prompts: list[str], completions: list[str], **columns: obj
     if "crash" in completions:
         os._exit(3)
     return [1.0 for _ in completions]
+
+
+def digit_fraction_unless_odd(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """`digit_fraction`, but fails on odd-length completions: those samples end up unscored."""
+    odd = [len(text) for text in completions if len(text) % 2]
+    if odd:
+        raise ValueError(f"cannot score odd-length completions (lengths {odd})")
+    return digit_fraction(prompts, completions)

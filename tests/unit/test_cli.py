@@ -139,10 +139,10 @@ def test_eval_checkpoint_without_weights_or_not_a_directory(
 class FakeTrainer:
     """Stands in for rlstack.driver.Trainer: records what it was built with, trains nothing."""
 
-    built: ClassVar[list[tuple[Any, bool]]] = []
+    built: ClassVar[list[tuple[Any, bool, bool]]] = []
 
-    def __init__(self, cfg: Any, resume: bool = False) -> None:
-        FakeTrainer.built.append((cfg, resume))
+    def __init__(self, cfg: Any, resume: bool = False, allow_config_change: bool = False) -> None:
+        FakeTrainer.built.append((cfg, resume, allow_config_change))
 
     def __enter__(self) -> FakeTrainer:
         return self
@@ -156,7 +156,7 @@ class FakeTrainer:
 
 
 @pytest.fixture
-def fake_trainer(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, bool]]:
+def fake_trainer(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, bool, bool]]:
     module = types.ModuleType("rlstack.driver")
     module.Trainer = FakeTrainer  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "rlstack.driver", module)
@@ -193,8 +193,8 @@ def test_resume_with_allow_config_change_goes_on_and_prints_the_changes(
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "learner.lr: 0.0001 -> 0.0002" in err and "final checkpoint: ckpt" in out
-    [(config, resume)] = fake_trainer
-    assert resume and config.learner.lr == 2e-4 and config.trainer.run_dir == str(run_dir)
+    [(config, resume, allow)] = fake_trainer
+    assert resume and allow and config.learner.lr == 2e-4 and config.trainer.run_dir == str(run_dir)
 
 
 def test_resume_extending_steps_is_silent(started_run, fake_trainer, capsys) -> None:
@@ -202,8 +202,8 @@ def test_resume_extending_steps_is_silent(started_run, fake_trainer, capsys) -> 
     capsys.readouterr()
     assert main(["train", str(cfg), "trainer.steps=50", "--resume", str(run_dir)]) == 0
     assert capsys.readouterr().err == ""
-    [(config, resume)] = fake_trainer
-    assert resume and config.trainer.steps == 50
+    [(config, resume, allow)] = fake_trainer
+    assert resume and not allow and config.trainer.steps == 50
 
 
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path: Path, fake_trainer, capsys) -> None:

@@ -74,7 +74,15 @@ def test_select_split_cat_round_trip(rollouts: list[Rollout]) -> None:
     assert [len(s) for s in shards] == [2, 1]
     assert [len(s) for s in b.split(5)] == [1, 1, 1, 0, 0]
     again = PolicyBatch.cat(shards)
-    for name in ("input_ids", "loss_mask", "rollout_logp", "old_logp", "advantages", "rewards", "token_versions"):
+    for name in (
+        "input_ids",
+        "loss_mask",
+        "rollout_logp",
+        "old_logp",
+        "advantages",
+        "rewards",
+        "token_versions",
+    ):
         assert torch.equal(torch.nan_to_num(getattr(again, name)), torch.nan_to_num(getattr(b, name))), name
     assert torch.equal(again.filter.combined, b.filter.combined)
     picked = b.select([2, 0])

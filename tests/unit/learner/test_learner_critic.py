@@ -393,3 +393,21 @@ def test_a_batch_without_signal_leaves_the_policy_unchanged(worker, ragged_batch
     assert metrics["actor/lr"] == pytest.approx(3e-4)  # restored after the frozen step
     worker.train_policy(batch, ALGO)
     assert not _equal(worker.export_weights(), before)
+
+
+@pytest.mark.deepspeed
+def test_no_signal_is_decided_after_the_forward_where_the_mis_mask_exists(worker, ragged_batch) -> None:
+    """Nonzero advantages, but the MIS token filter rejects every token (pi_old / pi_rollout = e^5): no
+    token can move the weights, so the step runs at lr 0. Deciding from the advantages alone (before the
+    forward) would have let Adam's momentum move the policy."""
+    batch = _train_batch(ragged_batch, _fixed_returns(ragged_batch))
+    assert bool((batch.advantages != 0).any())
+    worker.train_policy(batch, ALGO)  # builds up Adam momentum
+    before = worker.export_weights()
+    old = batch.rollout_logp + 5.0 * batch.loss_mask  # (B, L)
+    rejected = batch.replace(
+        old_logp=old, filter=apply_filters(old, batch.rollout_logp, batch.loss_mask, (0.5, 2.0), None)
+    )
+    metrics = worker.train_policy(rejected, ALGO)
+    assert metrics["filter/token_accept"] == 0.0 and metrics["actor/signal_tokens"] == 0.0
+    assert metrics["actor/frozen_steps"] == 1 and _equal(worker.export_weights(), before)

@@ -174,3 +174,25 @@ def test_import_pulls_no_ray_vllm_deepspeed_and_config_no_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["mispo", "grpo", "gspo", "ppo"])
+def test_tokens_outside_the_learners_support_never_train_and_give_finite_gradients(name: str) -> None:
+    """With top-k/top-p the learner gives a sampled token outside its own support log-prob -inf (pi_theta
+    and pi_old alike). Such a token is out of every loss (no MIS filter needed), counted, and neither the
+    loss nor the gradient of any other token becomes NaN, with the KL term on too."""
+    cfg = AlgorithmConfig(name=name, traj_filter="off", kl_coef=0.1)
+    inf = float("-inf")
+    logp = torch.tensor([[-1.0, inf, -2.0], [-0.5, -0.7, inf]], requires_grad=True)  # (B, T)
+    old = logp.detach().clone()
+    rollout = torch.tensor([[-1.0, -3.0, -2.0], [-0.5, -0.7, -4.0]])
+    ref = torch.tensor([[-1.1, -2.9, inf], [-0.4, -0.8, -4.1]])  # the reference may lack a token too
+    mask = torch.ones(2, 3)
+    adv = torch.tensor([1.0, -1.0])
+    loss, metrics = compute_policy_loss(cfg, logp, old, rollout, adv, mask, 6.0, ref_logp=ref)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert metrics["actor/nonfinite_logp_tokens"] == 3.0  # (0, 1), (1, 2) and the reference's (0, 2)
+    assert metrics["actor/train_frac"] == pytest.approx(3 / 6)
+    assert logp.grad[0, 1] == 0 and logp.grad[1, 2] == 0 and logp.grad[0, 2] == 0
+    assert logp.grad[0, 0] != 0 and logp.grad[1, 0] != 0
