@@ -153,7 +153,7 @@ class Trainer:
         metrics = {**reward_metrics, **staleness_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
         self.sink.log(self.step_index, metrics)
-        self._save_samples(rollouts, batch, reward_info)
+        self._save_samples(rollouts, batch, reward_info, stale)
         return metrics
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -216,6 +216,8 @@ class Trainer:
     def _finished(self, item: Submitted) -> list[Rollout]:
         """The item's rollouts, waiting for its generation if it is still in flight."""
         if item.rollouts is None:
+            if item.pending is None:  # a checkpoint from before queued rollouts were saved: regenerate
+                item.pending = self._submit(item.rows, item.step)
             item.rollouts = self.rollout.collect(item.pending)
             item.pending = None
         return item.rollouts
@@ -309,15 +311,22 @@ class Trainer:
         self.step_index = state["step"]
         self.source.load_state_dict(state["source"])
         self.mis_filter.load_state_dict(state["mis_filter"])
+        # (rows, step, rollouts); a checkpoint from before the rollouts were saved holds (rows, step)
         self.queue = deque(
-            Submitted(rows, step, rollouts=rollouts) for rows, step, rollouts in state["queue"]
+            Submitted(*item[:2], rollouts=item[2] if len(item) > 2 else None) for item in state["queue"]
         )
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
 
-    def _save_samples(self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]]) -> None:
+    def _save_samples(
+        self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]], stale: list[Rollout]
+    ) -> None:
+        """One record per rollout of the step; those dropped by the staleness rule are kept too (never
+        trained, not scored), so no generated data disappears without a trace."""
         traj_ok = batch.filter.traj_mask.tolist()
+        trained = zip(rollouts, traj_ok, reward_info, strict=True)
+        dropped = ((r, False, {}) for r in stale)
         with self.samples_path.open("a") as f:
-            for rollout, accepted, info in zip(rollouts, traj_ok, reward_info, strict=True):
+            for rollout, accepted, info in (*trained, *dropped):
                 record = {
                     "step": self.step_index,
                     "prompt_id": rollout.prompt_id,
@@ -332,6 +341,8 @@ class Trainer:
                 }
                 if rollout.reward is None:
                     record["unscored_reason"] = rollout.unscored_reason
+                if any(rollout is r for r in stale):
+                    record["dropped"] = f"stale: more than {self.max_staleness} updates old"
                 if info:
                     record["reward_info"] = info
                 f.write(json.dumps(record, default=str) + "\n")

@@ -7,6 +7,8 @@ Public API
 - `LearnerConfig` (pydantic; field docstrings).
 - `PolicyBatch`, `collate(rollouts, pad_id) -> PolicyBatch`: right-padded (B, L) tensors; per-token values
   sit at the position of the token they score; `loss_mask` is 1 on policy-generated tokens only.
+- `SamplingTransform(temperature, top_p, top_k)`: the distribution the engine samples from; every learner
+  log-prob (pi_old, pi_theta, pi_ref) is computed under it.
 - `token_logprobs(model, input_ids, attention_mask, return_entropy=False)`, `score_tokens`,
   `logprobs_from_logits`, `entropy_from_logits`, `TokenScores`.
 - `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, micro_batch_size)`: one rank's
@@ -31,6 +33,7 @@ _MODULE_OF = {
     "accumulate_critic_minibatch": "critic",
     "PolicyBatch": "batch",
     "collate": "batch",
+    "SamplingTransform": "logprobs",
     "TokenScores": "logprobs",
     "entropy_from_logits": "logprobs",
     "logprobs_from_logits": "logprobs",
@@ -51,6 +54,7 @@ __all__ = [
     "LocalReducer",
     "MetricSums",
     "PolicyBatch",
+    "SamplingTransform",
     "TokenScores",
     "TorchSink",
     "ValueModel",
@@ -69,6 +73,7 @@ if TYPE_CHECKING:
     from rlstack.learner.critic import ValueModel, accumulate_critic_minibatch
     from rlstack.learner.group import LearnerGroup
     from rlstack.learner.logprobs import (
+        SamplingTransform,
         TokenScores,
         entropy_from_logits,
         logprobs_from_logits,

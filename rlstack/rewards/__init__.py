@@ -24,6 +24,7 @@ from rlstack.rewards.registry import (
     register,
     resolve,
     reward_names,
+    validate_specs,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "resolve",
     "reward_names",
     "shutdown_judges",
+    "validate_specs",
 ]

@@ -87,6 +87,11 @@ def test_every_algorithm_and_filter_trains_through_the_trainer(tmp_path: Path) -
         unscored = [r for r in records if r["reward"] is None]
         assert unscored and all("cannot score odd-length" in r["unscored_reason"] for r in unscored)
         assert all(len(r["response"]) % 2 == 1 for r in unscored)
+        # The held-out evaluation reports unscored responses apart from the accuracy.
+        ev = trainer.evaluate()
+        for mode in ("greedy", "sampled"):
+            unscored = ev[f"{mode}_unscored"]
+            assert 0 <= unscored <= 4 and (unscored == 4 or 0.0 <= ev[f"{mode}_accuracy"] <= 1.0)
         # The staleness rule at training time: a queued batch whose tokens are too old is dropped.
         current = trainer.learner.version
         fresh = trainer._finished(trainer.queue[0])
@@ -94,6 +99,12 @@ def test_every_algorithm_and_filter_trains_through_the_trainer(tmp_path: Path) -
         trainer.queue.appendleft(Submitted(rows=[], step=trainer.step_index, rollouts=stale + fresh[6:]))
         m = trainer.step()
         assert m["staleness/dropped"] == 6 and m["batch/rows"] == len(fresh) - 6
+        last = [json.loads(line) for line in (tmp_path / "group/samples/rollouts.jsonl").open()][
+            -len(fresh) :
+        ]
+        assert sum("dropped" in r for r in last) == 6 and all(
+            r["staleness"] == 2 for r in last if "dropped" in r
+        )
 
 
 def test_ppo_with_a_critic_trains_through_the_trainer(tmp_path: Path) -> None:

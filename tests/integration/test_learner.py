@@ -139,7 +139,8 @@ def _wait_gone(probe, timeout_s: float) -> list:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_save_load_resumes_exactly(stage: int, ray_cluster, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4, adam_eps=EPS)
+    # a warm-up: step 2 runs at 2/3 of the rate, so a resume that lost the schedule's position would differ
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4, adam_eps=EPS, warmup_steps=3)
     batch1, batch2 = make_batch(8, seed=2), make_batch(8, seed=3)
     ckpt = tmp_path / "step_1"
     with LearnerGroup(tiny_checkpoint, cfg) as first:
@@ -164,7 +165,8 @@ def test_save_load_resumes_exactly(stage: int, ray_cluster, tiny_checkpoint: Pat
         for before, after in zip(saved_opt, restored_opt, strict=True):
             assert before.keys() == after.keys() and len(before) > 0
             assert all(torch.equal(before[k], after[k]) for k in before)
-        resumed.train_step(batch2, ALGO)  # the same next step, bit for bit
+        metrics = resumed.train_step(batch2, ALGO)  # the same next step, bit for bit
+        assert metrics["actor/lr"] == pytest.approx(2e-4)  # 3e-4 * 2 / 3: the schedule went on
         assert all(torch.equal(v, expected[k]) for k, v in resumed.export_weights().items())
 
 
@@ -186,20 +188,6 @@ def test_weight_broadcast_after_a_step_completes(ray_cluster, tiny_checkpoint: P
         assert sums == pytest.approx([expected, expected], rel=1e-12)
         group.train_step(batch, ALGO)  # the default group still works after the extra one came and went
         assert group.version == 2
-
-
-def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
-    ray.shutdown()
-
-    def started() -> list[psutil.Process]:
-        children = psutil.Process().children(recursive=True)
-        return [p for p in children if p.pid not in ray_cluster["children"] and _alive(p)]
-
-    assert not _wait_gone(started, 30), "processes outlived ray.shutdown()"
-    assert ray_cluster["learners"] and not _learner_processes(ray_cluster["learners"])
-    ours = ("deepspeed", "plasma", "ray", "torch_")  # only our stack's names: other tests may run beside us
-    leaked = {e for e in _shm_entries() - ray_cluster["shm"] if e.startswith(ours)}
-    assert not leaked, f"/dev/shm entries left behind: {sorted(leaked)}"
 
 
 KL_ALGO = ALGO.model_copy(update={"kl_coef": 0.5})
@@ -246,3 +234,17 @@ def test_kl_reference_is_frozen_partitioned_and_is_learning_signal(
         assert r["m3"]["actor/frozen_steps"] == 1 and _close(r["still"], r["back"]) == 0.0
     assert _close(two["back"], one["back"]) < TOL
     assert two["m2"]["actor/kl"] == pytest.approx(one["m2"]["actor/kl"], rel=1e-4)
+
+
+def test_ray_shutdown_leaves_no_processes_or_shm(ray_cluster) -> None:
+    ray.shutdown()
+
+    def started() -> list[psutil.Process]:
+        children = psutil.Process().children(recursive=True)
+        return [p for p in children if p.pid not in ray_cluster["children"] and _alive(p)]
+
+    assert not _wait_gone(started, 30), "processes outlived ray.shutdown()"
+    assert ray_cluster["learners"] and not _learner_processes(ray_cluster["learners"])
+    ours = ("deepspeed", "plasma", "ray", "torch_")  # only our stack's names: other tests may run beside us
+    leaked = {e for e in _shm_entries() - ray_cluster["shm"] if e.startswith(ours)}
+    assert not leaked, f"/dev/shm entries left behind: {sorted(leaked)}"

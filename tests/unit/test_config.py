@@ -139,7 +139,8 @@ def test_gspo_resolves_loss_norm_to_seq_mean_unless_set(tmp_path: Path) -> None:
         main(["config", str(REPO / "configs/demo.yaml"), "algorithm.name=gspo", "--out", str(tmp_path)]) == 0
     )
     resolved = yaml.safe_load((tmp_path / "config.resolved.yaml").read_text())["algorithm"]
-    assert (resolved["name"], resolved["loss_norm"]) == ("gspo", "token_mean")  # demo.yaml sets it explicitly
+    # demo.yaml leaves loss_norm to the algorithm: a GSPO run of it gets GSPO's sequence-level objective
+    assert (resolved["name"], resolved["loss_norm"]) == ("gspo", "seq_mean")
 
 
 def _started_run(tmp_path: Path, overrides: list[str]) -> tuple[Path, RunConfig]:

@@ -112,3 +112,12 @@ def test_cat_refuses_mixed_optional_fields(rollouts: list[Rollout]) -> None:
     b = _full_batch(rollouts)
     with pytest.raises(ValueError, match="old_logp is set in some batches"):
         PolicyBatch.cat([b.select([0]), b.select([1]).replace(old_logp=None)])
+
+
+def test_unscored_rows_leave_the_loss(rollouts: list[Rollout]) -> None:
+    b = collate(rollouts, pad_id=PAD)  # row 2 has no reward: NaN
+    out = b.without_unscored()
+    assert out.loss_mask[:2].tolist() == b.loss_mask[:2].tolist()
+    assert float(out.loss_mask[2].abs().sum()) == 0.0 and float(b.loss_mask[2].sum()) > 0
+    scored = b.select([0, 1])
+    assert scored.without_unscored() is scored  # nothing to do
