@@ -213,3 +213,24 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path: Path, fake_tra
     assert main(["train", str(cfg), "--allow-config-change"]) == 2
     assert "only applies with --resume" in one_error_line(capsys)
     assert fake_trainer == []
+
+
+# ---- train: the same checks, before Ray, any actor or the run directory ---------------------------------
+
+
+@pytest.mark.parametrize("bad", ["reward_name", "reward_option", "jsonl_row"])
+def test_train_refuses_bad_input_before_ray_starts(bad: str, tmp_path: Path, capsys) -> None:
+    import ray
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + '\n{"prompt": "2+2?", "answer": \n')
+    sections = {
+        "reward_name": {"rewards": [{"name": "mathh"}]},
+        "reward_option": {"rewards": [{"name": "code", "options": {"time_limt": 2}}]},
+        "jsonl_row": {"data": {"path": str(data), "heldout_size": 0}},
+    }[bad]
+    cfg = write_config(tmp_path / "c.yaml", **sections)
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert {"reward_name": "mathh", "reward_option": "time_limt", "jsonl_row": "line 2"}[bad] in line
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
