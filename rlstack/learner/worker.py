@@ -46,6 +46,7 @@ from rlstack.learner.critic import (
     finish_critic_metrics,
 )
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.reference import frozen_reference, shard_numel
 from rlstack.learner.schedule import lr_at
 from rlstack.learner.step import (
     COUNTED,
@@ -231,7 +232,9 @@ class LearnerWorker:
             self.critic = self._engine(value_model, self.cfg.critic_lr)
         if self.reference_path is not None:
             with torch.random.fork_rng(devices=[]):
-                self.reference = self._frozen_reference(self.reference_path)
+                self.reference = frozen_reference(
+                    self.reference_path, self.cfg, self.device, self.model_dtype
+                )
         self._reducer = DistReducer(self.device)
         self._sink = _EngineSink(self.engine)
 
@@ -254,37 +257,10 @@ class LearnerWorker:
         )
         return engine
 
-    def _frozen_reference(self, path: Path) -> Any:
-        """The KL reference: a frozen copy of the initial policy, partitioned like the policy. Under ZeRO-3
-        it is a DeepSpeed engine without an optimizer, so its parameters are sharded over the ranks and
-        gathered layer by layer in each forward, exactly like the policy's; under ZeRO 0-2 the policy's
-        parameters are replicated on every rank, and so are the reference's (a plain module)."""
-        import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from rlstack.model import Step3p5ForCausalLM
-        from rlstack.model.modeling import Step3p5MoE
-
-        model = Step3p5ForCausalLM.from_pretrained(path, dtype=self.model_dtype)
-        model.requires_grad_(False)
-        model.eval()
-        model = model.to(self.device)
-        if self.cfg.zero_stage != 3:
-            return model
-        set_z3_leaf_modules(model, [Step3p5MoE])
-        config = {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": int(2e7)},
-            "steps_per_print": 2**31 - 1,
-        } | ({"bf16": {"enabled": True}} if self.model_dtype == torch.bfloat16 else {})
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        engine.eval()
-        return engine
-
     @property
     def model_dtype(self) -> torch.dtype:
         """The dtype the learner's models are held in (`learner.dtype`)."""
-        return torch.bfloat16 if getattr(self.cfg, "dtype", "float32") == "bfloat16" else torch.float32
+        return torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
 
     def dist_info(self) -> dict[str, Any]:
         """Facts about this rank's default process group (tests check that no device is bound)."""
@@ -672,15 +648,10 @@ class LearnerWorker:
         return client
 
     def reference_numel(self) -> dict[str, int]:
-        """Elements of the KL reference held on this rank (`local`) and in the whole model (`full`): under
-        ZeRO-3 each rank holds about full / world_size (tests check the partitioning)."""
+        """Elements of the KL reference on this rank and in the whole model (see `reference.shard_numel`)."""
         if self.reference is None:
             raise ValueError("reference_numel: this learner has no reference policy (reference_path unset)")
-        params = list(self.reference.parameters())
-        # under ZeRO-3 a parameter is an empty placeholder; this rank's shard is its `ds_tensor`
-        local = sum(int(getattr(p, "ds_tensor", p).numel()) for p in params)
-        full = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
-        return {"local": local, "full": full}
+        return shard_numel(self.reference)
 
     def optimizer_state(self, critic: bool = False) -> dict[str, torch.Tensor]:
         """This rank's optimizer state tensors (the critic's with `critic`), flattened in a fixed order
