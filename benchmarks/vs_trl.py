@@ -231,8 +231,8 @@ def run_raw_vllm(size: Size, ckpt: str, repeats: int, threads: int, workdir: Pat
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from rlstack.data.prompts import render_prompt
     from rlstack.data.sources import PromptSource
-    from rlstack.driver import render_prompt
     from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 
     cfg = rlstack_config(size, ckpt, str(workdir / "vllm-unused"), "sync", 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from rlstack.config import (
     BuilderName,
@@ -97,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     rewards = sub.add_parser("rewards", help="reward plugins").add_subparsers(metavar="ACTION")
     p = rewards.add_parser("list", help="registered rewards: in-tree and from installed entry points")
     p.set_defaults(handler=cmd_rewards_list)
+    p = rewards.add_parser(
+        "try",
+        help="score a few rows of a data file through the path training uses (deadlines, per-sample "
+        "isolation, TRL-style arguments); print each row's score, unscored rows with the reason, and info",
+    )
+    p.add_argument("reward", metavar="NAME_OR_IMPORT_PATH", help="a registered name, or pkg.mod:fn")
+    p.add_argument("data", metavar="DATA.jsonl", help="rows as training reads them, plus a completion column")
+    p.add_argument("--options", default="{}", metavar="JSON", help="the reward's options, a JSON object")
+    p.add_argument("--factory", action="store_true", help="the reward is a factory called with the options")
+    p.add_argument("--rows", type=int, default=8, help="rows to score (the first N)")
+    p.add_argument(
+        "--completion-column",
+        default="completion",
+        metavar="COL",
+        help="column holding each row's completion (text, or a list of messages); optional column "
+        "`completion_ids` gives the token ids (else empty lists)",
+    )
+    p.add_argument(
+        "--time-limit-s", type=float, default=60.0, help="deadline of each plugin call, as reward_workers"
+    )
+    p.set_defaults(handler=cmd_rewards_try)
 
     model = sub.add_parser("model", help="create or check policy checkpoints").add_subparsers(
         metavar="ACTION"
@@ -195,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rlstack.data.sources import load_split
     from rlstack.evaluate import accuracy
-    from rlstack.rewards.registry import RewardCombiner
+    from rlstack.rewards.group import RewardGroup
     from rlstack.rollout.worker import RolloutWorker
 
     overrides = [f"data.task={args.task}", f"eval.num_problems={args.problems}"]
@@ -205,17 +226,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"rewards=[{{name: {get_task(args.task).reward}}}]")
     config: RunConfig = load_config(args.config, overrides)
     rows = load_split(config.data, "heldout")[: args.problems]
+    # training's scoring path, in this process: the configured deadlines and cache, no Ray actors
+    rewards = RewardGroup.in_process(config.rewards, config.reward_workers)
     worker = RolloutWorker(args.checkpoint, config.rollout)
     try:
-        result = accuracy(
-            worker,
-            AutoTokenizer.from_pretrained(args.checkpoint),
-            RewardCombiner(config.rewards),
-            rows,
-            config,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        result = accuracy(worker, tokenizer, rewards, rows, config)
     finally:
         worker.shutdown()
+        rewards.shutdown()
     print_eval_table(None, result)
     return 0
 
@@ -242,6 +261,88 @@ def cmd_rewards_list(args: argparse.Namespace) -> int:
     for name, origin in sorted(list_rewards().items()):
         print(f"{name:<20}{origin}")
     return 0
+
+
+def cmd_rewards_try(args: argparse.Namespace) -> int:
+    import json
+
+    from rlstack.data.sources import load_rows
+    from rlstack.rewards.config import RewardWorkersConfig
+    from rlstack.rewards.group import RewardGroup
+    from rlstack.rewards.scoring import sample_info, score_samples, unscored_reason
+
+    spec = try_spec(args.reward, args.options, args.factory)
+    if args.rows < 1 or args.time_limit_s <= 0:
+        raise ConfigError("--rows must be at least 1 and --time-limit-s above 0")
+    rows = load_rows(args.data)[: args.rows]
+    texts = [try_completion(row, args.completion_column, args.data) for row in rows]
+    group = RewardGroup.in_process([spec], RewardWorkersConfig(time_limit_s=args.time_limit_s, cache_size=0))
+    skip = {"prompt", "prompt_id", "completion_ids", args.completion_column}
+    result = score_samples(
+        group,
+        [row["prompt"] for row in rows],
+        [{k: v for k, v in row.items() if k not in skip} for row in rows],
+        texts,
+        [row.get("completion_ids") or [] for row in rows],
+        [row["prompt_id"] for row in rows],
+    )
+    label = spec.label
+    print(
+        f"reward '{label}' on {len(rows)} row(s) of {args.data}, completions from '{args.completion_column}'"
+    )
+    for i, row in enumerate(rows):
+        score = result.per_reward[label][i]
+        details = sample_info(result, i)
+        shown = f"score {score:g}" if score is not None else f"unscored: {unscored_reason(details)}"
+        print(f"row {i + 1} (prompt_id {row['prompt_id']}): {shown}")
+        if label in details:
+            print(f"    info: {json.dumps(details[label], default=str, ensure_ascii=False)}")
+    scored = [s for s in result.per_reward[label] if s is not None]
+    mean = f", mean {sum(scored) / len(scored):.4g}" if scored else ""
+    print(
+        f"{len(scored)} scored, {len(rows) - len(scored)} unscored (errors {result.errors[label]}, "
+        f"timeouts {result.timeouts[label]}){mean}; training leaves unscored samples out of the loss"
+    )
+    return 0
+
+
+def try_spec(reward: str, options: str, factory: bool) -> Any:
+    """The `RewardSpec` of `rlstack rewards try`, checked like a config's (a ConfigError or RewardError)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from rlstack.rewards.config import RewardSpec
+    from rlstack.rewards.registry import validate_specs
+
+    try:
+        parsed = json.loads(options)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--options: not JSON ({e}); e.g. --options '{{\"scale\": 2}}'") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--options must be a JSON object, got {options!r:.60}")
+    source = "import_path" if ":" in reward else "name"
+    try:
+        spec = RewardSpec(**{source: reward}, options=parsed, factory=factory)
+    except ValidationError as e:
+        raise ConfigError(f"reward '{reward}': {e.errors()[0]['msg']}") from None
+    validate_specs([spec])
+    return spec
+
+
+def try_completion(row: dict[str, Any], column: str, path: str) -> str:
+    """A row's completion text: the column's string, or the contents of its list of messages."""
+    value = row.get(column)
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        value = "".join(str(m["content"]) for m in value)
+    if not isinstance(value, str):
+        columns = ", ".join(sorted(k for k in row if k != "prompt_id"))
+        raise ConfigError(
+            f"{path}: row {row['prompt_id']}: completion column '{column}' is "
+            f"{'missing' if column not in row else f'not text ({value!r:.60})'}; columns: {columns}; "
+            "choose one with --completion-column"
+        )
+    return value
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:

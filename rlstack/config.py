@@ -103,7 +103,7 @@ class RunConfig(StrictModel):
     trainer: TrainerConfig = TrainerConfig()
     """Loop length, mode, seeds, checkpoints and where output goes."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
-    """Policy loss (MIS-PO or a baseline), MIS filters, advantages, normalisation (see docs/MISPO.md)."""
+    """Policy loss (MIS-PO or a baseline), MIS filters, advantages, normalisation (see docs/algorithm.md)."""
     rollout: RolloutConfig = RolloutConfig()
     """vLLM rollout workers and sampling."""
     learner: LearnerConfig = LearnerConfig()

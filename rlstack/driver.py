@@ -11,7 +11,6 @@ made by version v is trained on only while current − v ≤ k.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ import torch
 
 from rlstack.config import ConfigError, RunConfig, dump_config
 from rlstack.mispo.config import AlgorithmConfig
+from rlstack.rewards.scoring import score_rollouts, unscored_reason
+from rlstack.run import CHECKPOINTS, init_ray, initial_policy, latest_checkpoint
 from rlstack.types import Rollout
 
-CHECKPOINTS = "checkpoints"
 DRIVER_STATE = "driver_state.pt"
 
 
@@ -94,8 +94,9 @@ class Trainer:
         else:
             truncate_metrics(self.run_dir, self.step_index)
         self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
-        if cfg.rollout.weight_sync != "object_store":  # broadcast: rank 0 pushes into the engines
-            self.learner.attach_weight_sync(self.rollout.weight_sync)
+        from rlstack.rollout.sync.push import attach  # broadcast: the learner's rank 0 gets the backend
+
+        attach(self.learner, self.rollout)
         self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -141,12 +142,11 @@ class Trainer:
         )
         with timer("train"):
             batch = batch.replace(advantages=advantages, returns=returns)
-            if fused:  # pi_old and the filter come out of the training forward
-                train_metrics, old_logp = self.learner.train_step_old_from_forward(batch, self.cfg.algorithm)
-                batch = batch.replace(old_logp=old_logp, filter=self._filter(old_logp, batch))
+            result = self.learner.train(batch, self.cfg.algorithm, old_logp_from_forward=fused)
+            train_metrics = result.metrics
+            if fused:  # pi_old came out of the training forward; the step's filter over it, afterwards
+                batch = batch.replace(old_logp=result.old_logp, filter=self._filter(result.old_logp, batch))
                 train_metrics |= batch.filter.metrics  # batch-level quantiles, not micro-batch averages
-            else:
-                train_metrics = self.learner.train_step(batch, self.cfg.algorithm)
         with timer("sync"):
             sync_metrics = self._sync_weights()
         self.step_index += 1
@@ -270,16 +270,10 @@ class Trainer:
         return metrics, info
 
     def _sync_weights(self) -> dict[str, float]:
-        """New weights into the engines: learner → driver → object store (`object_store`), or broadcast by
-        the learner's rank 0 straight into the engines (`gloo` / `nccl`)."""
-        version = self.learner.version
-        if self.cfg.rollout.weight_sync == "object_store":
-            return self.rollout.update_weights(self.learner.export_weights(), version)
-        start = time.perf_counter()
-        stats = self.learner.push_weights(version)
-        self.rollout.version = version
-        stats["sync/total_seconds"] = time.perf_counter() - start
-        return stats
+        """New weights into the engines, by `rollout.weight_sync` (rollout.sync.push)."""
+        from rlstack.rollout.sync.push import push_policy
+
+        return push_policy(self.learner, self.rollout)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy with the current rollout weights: greedy, and sampled (eval.samples each)."""
@@ -390,17 +384,6 @@ class StageTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
 
 
-def unscored_reason(details: dict[str, Any]) -> str:
-    """Why a sample has no reward, from its per-reward details: the plugins' errors and time-outs, or
-    that no configured reward applies to it."""
-    reasons = [
-        f"{label}: {d['error'] if 'error' in d else 'timeout: ' + str(d['timeout'])}"
-        for label, d in details.items()
-        if isinstance(d, dict) and ("error" in d or "timeout" in d)
-    ]
-    return "; ".join(reasons) if reasons else "no configured reward applies (every reward returned None)"
-
-
 def reward_summary(rewards: list[float | None]) -> dict[str, float]:
     """Reward metrics over the SCORED samples (`reward/mean`, `reward/std`, `reward/accuracy`: > 0.5), and
     the unscored ones counted on their own (`reward/unscored`, `reward/unscored_frac`), never as wrong."""
@@ -424,95 +407,3 @@ def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_ste
         "throughput/generate_wait_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
         "batch/generated_for_step": float(generated_at_step),
     }
-
-
-def score_rollouts(rewards: Any, rollouts: list[Rollout]) -> Any:
-    """Call a RewardGroup or RewardCombiner as TRL's GRPOTrainer calls reward functions: `prompts` (each
-    row's original prompt: the string, or a conversational row's message list), `completions` (the text, or
-    `[{"role": "assistant", "content": text}]` for a conversational prompt), `completion_ids` (the response
-    token ids) and every other column as a keyword list (a column named like one of these is left out, as
-    TRL leaves out `completion_ids`). The prompt ids go in `sample_ids`, which only name failed samples.
-    No `trainer_state` (see rlstack.rewards.registry): a score depends on the sample alone."""
-    from rlstack.data.prompts import is_conversational, reward_prompt
-    from rlstack.rewards.registry import CALL_ARGS
-
-    pairs = [reward_prompt(r.columns, r.prompt_text) for r in rollouts]
-    prompts = [prompt for prompt, _ in pairs]
-    completions = [
-        [{"role": "assistant", "content": r.response_text}] if is_conversational(p) else r.response_text
-        for r, p in zip(rollouts, prompts, strict=True)
-    ]
-    reserved = {*CALL_ARGS, "sample_ids"}
-    names = sorted({k for _, columns in pairs for k in columns if k not in reserved})
-    return rewards(
-        prompts,
-        completions,
-        completion_ids=[list(r.response_ids) for r in rollouts],
-        sample_ids=[r.prompt_id for r in rollouts],
-        **{k: [columns.get(k) for _, columns in pairs] for k in names},
-    )
-
-
-def render_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> str:
-    """`rlstack.data.prompts.render_prompt` (where prompt rendering lives), kept here for existing callers."""
-    from rlstack.data import prompts
-
-    return prompts.render_prompt(tokenizer, prompt)
-
-
-def init_ray(cfg: RunConfig) -> bool:
-    """Join a cluster (`trainer.ray_address`, or RAY_ADDRESS under `ray job submit`); else start one."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # Actors import what this process can: reward plugins by import_path, local modules.
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(local_import_paths())}}
-        ray.init(
-            num_cpus=cfg.trainer.local_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env=runtime_env,
-        )
-    return True
-
-
-def local_import_paths() -> list[str]:
-    """This process's import path minus the interpreter's own (stdlib, site-packages): the working directory,
-    PYTHONPATH, and what a test runner added."""
-    import sys
-
-    own = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
-    paths: list[str] = []
-    for entry in sys.path:
-        path = Path(entry or os.getcwd()).resolve()
-        if path.is_dir() and not any(path.is_relative_to(p) for p in own) and str(path) not in paths:
-            paths.append(str(path))
-    return paths
-
-
-def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:
-    if cfg.model.path is not None:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").exists():
-            from rlstack.config_base import ConfigError
-
-            raise ConfigError(f"model.path '{path}' is not an HF checkpoint directory (no config.json)")
-        return path
-    from rlstack.model import BUILDERS, init_checkpoint
-
-    path = run_dir / CHECKPOINTS / "init"
-    if not (path / "config.json").exists():
-        init_checkpoint(BUILDERS[cfg.model.builder](), path, seed=cfg.model.init_seed)
-    return path
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    marker = run_dir / CHECKPOINTS / "latest"
-    if not marker.exists():
-        return None
-    return run_dir / CHECKPOINTS / marker.read_text().strip()

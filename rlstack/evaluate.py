@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from rlstack.config import RunConfig
+from rlstack.rewards.scoring import Scorer, score_rollouts
 from rlstack.rollout.config import SamplingConfig
 from rlstack.rollout.worker import Prompt
 from rlstack.types import Rollout
@@ -17,12 +18,11 @@ class Generator(Protocol):
 
 
 def accuracy(
-    generator: Generator, tokenizer: Any, rewards: Any, rows: list[dict[str, Any]], cfg: RunConfig
+    generator: Generator, tokenizer: Any, rewards: Scorer, rows: list[dict[str, Any]], cfg: RunConfig
 ) -> dict[str, float]:
     """Fraction of the scored responses the first configured reward scores as correct (> 0.5), per mode,
     and how many responses it could not score (`<mode>_unscored`: plugin error or time-out)."""
     from rlstack.data.prompts import rollout_prompt
-    from rlstack.driver import score_rollouts
 
     prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}") for row in rows]
     max_tokens = cfg.rollout.sampling.max_tokens

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from rlstack.config import RunConfig, dump_config
+from rlstack.data.prompts import render_prompt
+from rlstack.run import init_ray, initial_policy
 from rlstack.types import Rollout
 
 
 def demonstration(tokenizer: Any, row: dict[str, Any], version: int) -> Rollout:
-    from rlstack.driver import render_prompt
-
     if not row.get("solution"):
         raise ValueError(f"row {row.get('prompt_id')!r} has no 'solution': SFT needs demonstrations")
     prompt_ids = tokenizer.encode(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
@@ -38,10 +38,9 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
     from transformers import AutoTokenizer
 
     from rlstack.data.sources import PromptSource
-    from rlstack.driver import init_ray, initial_policy
     from rlstack.learner import LearnerGroup, collate
     from rlstack.metrics import MetricsSink, archive_previous_run
-    from rlstack.mispo import AlgorithmConfig
+    from rlstack.mispo import AlgorithmConfig, apply_filters
     from rlstack.progress import TrainProgress
 
     run_dir = Path(cfg.trainer.run_dir)
@@ -63,10 +62,10 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
                 batch = collate(
                     [demonstration(tokenizer, r, learner.version) for r in rows], tokenizer.pad_token_id
                 )
-                batch = batch.replace(
-                    old_logp=torch.zeros_like(batch.rollout_logp), advantages=batch.loss_mask
-                )
-                metrics = learner.train_step(batch, nll)
+                old_logp = torch.zeros_like(batch.rollout_logp)  # (B, L): pi_old = rollout, every ratio 1
+                flt = apply_filters(old_logp, batch.rollout_logp, batch.loss_mask, nll.token_band, None)
+                batch = batch.replace(old_logp=old_logp, filter=flt, advantages=batch.loss_mask)
+                metrics = learner.train(batch, nll).metrics
                 metrics["sft/nll"] = metrics.get("actor/loss", float("nan"))
                 sink.log(step, metrics)
                 bar.update(step, metrics)

@@ -13,9 +13,10 @@ Public API
   `logprobs_from_logits`, `entropy_from_logits`, `TokenScores`.
 - `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, micro_batch_size)`: one rank's
   micro-batched forward/backward with the global normaliser (plain torch; `TorchSink`, `LocalReducer`).
-- `LearnerWorker` (one rank, a Ray actor's class), `LearnerGroup(model_path, learner_cfg, run_env)`:
-  `compute_logprobs`, `compute_values` (critic), `train_step`, `export_weights`, `save_checkpoint`,
-  `load_checkpoint`, `shutdown`.
+- `LearnerWorker` (one rank, a Ray actor's class; its jobs live in `engine`, `scoring`, `train`, `export`,
+  `checkpoint`, `reference`), `LearnerGroup(model_path, learner_cfg, run_env)`: `compute_logprobs`,
+  `compute_values` (critic), `train(batch, algo_cfg, old_logp_from_forward=...) -> TrainResult(metrics,
+  old_logp)` (`train_step`: its metrics), `export_weights`, `save_checkpoint`, `load_checkpoint`, `shutdown`.
 - Critic (`learner.critic`, `CriticConfig`): `ValueModel` (policy trunk + scalar head, values aligned like
   log-probs), `accumulate_critic_minibatch` (its micro-batched MSE step, plain torch).
 """
@@ -43,6 +44,7 @@ _MODULE_OF = {
     "MetricSums": "step",
     "TorchSink": "step",
     "accumulate_minibatch": "step",
+    "TrainResult": "train",
     "LearnerWorker": "worker",
     "LearnerGroup": "group",
 }
@@ -57,6 +59,7 @@ __all__ = [
     "SamplingTransform",
     "TokenScores",
     "TorchSink",
+    "TrainResult",
     "ValueModel",
     "accumulate_critic_minibatch",
     "accumulate_minibatch",
@@ -81,6 +84,7 @@ if TYPE_CHECKING:
         token_logprobs,
     )
     from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch
+    from rlstack.learner.train import TrainResult
     from rlstack.learner.worker import LearnerWorker
 
 __getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)

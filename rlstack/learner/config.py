@@ -13,10 +13,10 @@ from rlstack.config_base import StrictModel
 
 
 class CriticConfig(StrictModel):
-    """The value model of the actor-critic variant (`algorithm.advantage: critic`, docs/MISPO.md): the policy
-    checkpoint's trunk plus a fresh scalar head, trained with a masked MSE as a second DeepSpeed engine on
-    every learner rank. It shares the learner's ZeRO stage, ranks, micro-batching, mini-batches and AdamW
-    settings (betas, eps, weight decay, clipping); only the learning rate is its own."""
+    """The value model of the actor-critic variant (`algorithm.advantage: critic`, docs/algorithm.md): the
+    policy checkpoint's trunk plus a fresh scalar head, trained with a masked MSE as a second DeepSpeed
+    engine on every learner rank. It shares the learner's ZeRO stage, ranks, micro-batching, mini-batches
+    and AdamW settings (betas, eps, weight decay, clipping); only the learning rate is its own."""
 
     enabled: bool = False
     """Build and train the critic. `LearnerGroup.compute_values` and the `returns` of `train_step` need it."""
@@ -94,7 +94,7 @@ class LearnerConfig(StrictModel):
 
     n_minibatches: int = Field(1, ge=1)
     """Optimizer steps per `train_step`: the step's batch is split into this many mini-batches, each
-    normalised on its own (docs/MISPO.md, recipe step 6)."""
+    normalised on its own (docs/algorithm.md, "One step")."""
 
     fuse_old_logp: bool = True
     """Take pi_old from the training forward instead of a separate forward pass over the batch, where that

@@ -1,4 +1,4 @@
-"""The critic of the actor-critic variant (docs/MISPO.md): the policy's trunk plus a scalar value head.
+"""The critic of the actor-critic variant (docs/algorithm.md): the policy's trunk plus a scalar value head.
 
 Values follow the `PolicyBatch` convention of log-probs: `values[b, t] = V(s_t)`, the value of the state
 in which token t was sampled (tokens < t), read from the trunk's hidden state at t - 1; position 0 has no

@@ -4,15 +4,15 @@ The driver sees one learner: batches go in whole and are sharded by rows here (c
 concatenated back in order); metrics come back global. Needs `ray.init(...)` done by the caller.
 
     group = LearnerGroup(checkpoint_dir, LearnerConfig(num_ranks=2, zero_stage=2))
-    batch = collate(rollouts, pad_id).replace(...)           # advantages, optionally old_logp / filter
-    metrics = group.train_step(batch, algo_cfg)              # n_minibatches optimizer steps
+    batch = collate(rollouts, pad_id).replace(old_logp=group.compute_logprobs(batch), ...)  # + advantages
+    result = group.train(batch, algo_cfg)                    # n_minibatches optimizer steps: TrainResult
     weights = group.export_weights()                         # {vLLM name: fp32 tensor}
     group.attach_weight_sync(rollout.weight_sync); group.push_weights(group.version)  # broadcast sync
     group.save_checkpoint(run_dir / "checkpoints/step_1"); group.shutdown()
 
 With `learner.critic.enabled` (`algorithm.advantage: critic`): `values = group.compute_values(batch)`,
 `adv, returns = compute_advantages(cfg, ..., values=values, truncated=batch.truncated)`, then
-`group.train_step(batch.replace(advantages=adv, returns=returns), cfg)` also takes the critic's steps.
+`group.train(batch.replace(advantages=adv, returns=returns), cfg)` also takes the critic's steps.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import LearnerConfig
 from rlstack.learner.logprobs import SamplingTransform
+from rlstack.learner.train import TrainResult, check_train_batch
 from rlstack.mispo import AlgorithmConfig
 
 # Environment the actors should share with the driver even when Ray's workers were started elsewhere
@@ -84,11 +85,11 @@ class LearnerGroup:
             for rank in range(n)
         ]
         try:
-            ips = ray.get([a.node_ip.remote() for a in self.actors], timeout=SETUP_TIMEOUT_S)
+            ips = self._call("node_ip", timeout=SETUP_TIMEOUT_S)
             # One node: loopback. Several: rank 0's node address. Rank 0 picks a port free on its node.
             addr = "127.0.0.1" if len(set(ips)) == 1 else ips[0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=SETUP_TIMEOUT_S)
-            ray.get([a.setup.remote(addr, port) for a in self.actors], timeout=SETUP_TIMEOUT_S)
+            self._call("setup", addr, port, timeout=SETUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
@@ -99,116 +100,67 @@ class LearnerGroup:
 
     @property
     def version(self) -> int:
-        """Policy version: the number of `train_step`s taken (restored by `load_checkpoint`)."""
+        """Policy version: the number of `train` steps taken (restored by `load_checkpoint`)."""
         return self._version
+
+    def _call(
+        self, method: str, *args: Any, shards: list[Any] | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """`method(shards[r], *args)` (or `method(*args)` without `shards`) on every rank at once, as every
+        collective needs; each rank's result, in rank order."""
+        import ray
+
+        heads = [()] * self.num_ranks if shards is None else [(s,) for s in shards]
+        calls = [getattr(a, method).remote(*h, *args) for a, h in zip(self.actors, heads, strict=True)]
+        return ray.get(calls, timeout=timeout)
+
+    def _per_row(self, method: str, batch: PolicyBatch) -> torch.Tensor:
+        """`method` on each rank's row shard of `batch`; the results concatenated back in batch order."""
+        return torch.cat(self._call(method, shards=_shards(batch, self.num_ranks)))[: len(batch)]
 
     # ---- compute -------------------------------------------------------------------------------
 
     def compute_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         """(B, L) log pi(token_t | < t) with the current weights (pi_old), rows in batch order."""
-        import ray
-
-        shards = _shards(batch, self.num_ranks)
-        out = ray.get([a.compute_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)])
-        return torch.cat(out)[: len(batch)]
+        return self._per_row("compute_logprobs", batch)
 
     def compute_values(self, batch: PolicyBatch) -> torch.Tensor:
         """(B, L) critic values V(s_t), aligned like `compute_logprobs` (position t: the state token t was
         sampled in; 0 at position 0 and on padding), rows in batch order. Needs `learner.critic.enabled`."""
-        import ray
-
         if not self.cfg.critic.enabled:
             raise ValueError(
                 "compute_values needs the critic: set learner.critic.enabled: true "
                 "(algorithm.advantage: critic uses it)"
             )
-        shards = _shards(batch, self.num_ranks)
-        out = ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards, strict=True)])
-        return torch.cat(out)[: len(batch)]
+        return self._per_row("compute_values", batch)
 
-    def train_step(self, batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> dict[str, float]:
+    def train(
+        self, batch: PolicyBatch, algo_cfg: AlgorithmConfig, *, old_logp_from_forward: bool = False
+    ) -> TrainResult:
         """One policy update (`n_minibatches` optimizer steps) on the whole step batch; with a critic, first
         its `n_minibatches` steps on `batch.returns` (`critic/...` metrics).
 
-        Needs `batch.advantages`, and `batch.returns` exactly when `learner.critic.enabled`. Fills in what
-        is missing: `old_logp` (recomputed with the current weights; `train_step_old_from_forward` skips
-        that pass) and, for stateless trajectory filters (`fixed`/`off`), the MIS filter over the whole
-        batch, so its metrics are batch-level. Stateful filters (`adaptive`/`stochastic`) must come from
-        the caller's long-lived `MISFilter`. Returns global metrics, including batch counts and staleness.
-        """
-        from rlstack.learner.critic import check_critic_inputs
-        from rlstack.mispo import apply_filters
-
-        if batch.advantages is None:
-            raise ValueError(
-                "train_step: batch.advantages is None; set them (rlstack.mispo.compute_advantages)"
-            )
-        check_critic_inputs(batch, enabled=self.cfg.critic.enabled)
-        if batch.old_logp is None:
-            batch = batch.replace(old_logp=self.compute_logprobs(batch))
-        if batch.filter is None and algo_cfg.traj_filter in ("fixed", "off"):
-            band = algo_cfg.traj_band if algo_cfg.traj_filter == "fixed" else None
-            old, rollout, mask = batch.old_logp, batch.rollout_logp, batch.loss_mask
-            assert old is not None
-            batch = batch.replace(filter=apply_filters(old, rollout, mask, algo_cfg.token_band, band))
-        if batch.filter is None and (algo_cfg.name == "mispo" or algo_cfg.baseline_mis_masks):
-            raise ValueError(
-                f"algorithm.traj_filter = '{algo_cfg.traj_filter}' is stateful: pass the step's "
-                "MISFilter(cfg)(old_logp, rollout_logp, loss_mask) result as batch.filter"
-            )
-        return self._train(batch, algo_cfg, old_from_forward=False)[0]
-
-    def train_step_old_from_forward(
-        self, batch: PolicyBatch, algo_cfg: AlgorithmConfig
-    ) -> tuple[dict[str, float], torch.Tensor]:
-        """`train_step` without the separate pi_old pass: each rank takes pi_old from its training forward
-        (exact before the step's only optimizer step; needs `learner.n_minibatches` 1 and a stateless
-        trajectory filter, `fixed` or `off`, computed per micro-batch). Returns (metrics, pi_old (B, L)),
-        so the caller can compute the step's batch-level MIS filter afterwards, for metrics and samples."""
-        from rlstack.learner.step import STATELESS_TRAJ_FILTERS, old_logp_from_forward_is_exact
-
-        if batch.old_logp is not None or batch.filter is not None:
-            raise ValueError("train_step_old_from_forward computes pi_old and the filter: pass neither")
-        if not old_logp_from_forward_is_exact(self.cfg.n_minibatches, algo_cfg):
-            raise ValueError(
-                "pi_old from the training forward needs learner.n_minibatches 1 (got "
-                f"{self.cfg.n_minibatches}) and algorithm.traj_filter in {STATELESS_TRAJ_FILTERS} (got "
-                f"'{algo_cfg.traj_filter}'); use train_step"
-            )
-        if batch.advantages is None:
-            raise ValueError(
-                "train_step: batch.advantages is None; set them (rlstack.mispo.compute_advantages)"
-            )
-        metrics, old_logp = self._train(batch, algo_cfg, old_from_forward=True)
-        assert old_logp is not None
-        return metrics, old_logp
-
-    def _train(
-        self, batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forward: bool
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Shard each mini-batch over the ranks, train, and add batch-level counts and staleness."""
-        import ray
-
-        n_mini = self.cfg.n_minibatches
-        if algo_cfg.kl_coef > 0.0 and not self.has_reference and batch.ref_logp is None:
-            raise ValueError(
-                f"algorithm.kl_coef = {algo_cfg.kl_coef} needs the frozen reference policy: build the "
-                "LearnerGroup with reference_path= (the run's initial policy)"
-            )
-        if n_mini > len(batch):
-            raise ValueError(f"learner.n_minibatches = {n_mini} but the batch has only {len(batch)} rows")
+        pi_old comes either from the batch (`batch.old_logp`, from `compute_logprobs`; `batch.filter` the
+        step's `MISFilter` result, needed for a stateful trajectory filter) or, with
+        `old_logp_from_forward`, from each rank's training forward (neither passed; needs
+        `learner.n_minibatches` 1 and a stateless filter, then computed per micro-batch): the result then
+        carries pi_old (B, L), so the caller can compute the step's batch-level MIS filter afterwards.
+        Needs `batch.advantages`, and `batch.returns` exactly when `learner.critic.enabled`. Metrics are
+        global, including batch counts and staleness."""
+        check_train_batch(
+            batch,
+            algo_cfg,
+            self.cfg,
+            old_logp_from_forward=old_logp_from_forward,
+            has_reference=self.has_reference,
+        )
         per_rank: list[list[PolicyBatch]] = [[] for _ in range(self.num_ranks)]
-        for minibatch in batch.split(n_mini):
+        for minibatch in batch.split(self.cfg.n_minibatches):
             for r, shard in enumerate(_shards(minibatch, self.num_ranks)):
                 per_rank[r].append(shard)
         versions_before = self._version
-        results = ray.get(
-            [
-                a.train_step_old_from_forward.remote(s, algo_cfg, old_from_forward)
-                for a, s in zip(self.actors, per_rank, strict=True)
-            ]
-        )
-        metrics = dict(results[0][0])
+        results: list[TrainResult] = self._call("train", algo_cfg, old_logp_from_forward, shards=per_rank)
+        metrics = dict(results[0].metrics)
         self._version = int(metrics["learner/version"])
         staleness = (versions_before - batch.oldest_versions()).float()  # (B,)
         metrics |= {
@@ -216,9 +168,14 @@ class LearnerGroup:
             "batch/staleness_mean": float(staleness.mean()),
             "batch/staleness_max": float(staleness.max()),
         }
-        if not old_from_forward:
-            return metrics, None
-        return metrics, torch.cat([old for _, old in results])[: len(batch)]
+        if not old_logp_from_forward:
+            return TrainResult(metrics)
+        old_logp = torch.cat([r.old_logp for r in results if r.old_logp is not None])  # (B', L)
+        return TrainResult(metrics, old_logp[: len(batch)])
+
+    def train_step(self, batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> dict[str, float]:
+        """The metrics of `train(batch, algo_cfg)` (pi_old in the batch)."""
+        return self.train(batch, algo_cfg).metrics
 
     # ---- weights and checkpoints ---------------------------------------------------------------
 
@@ -228,53 +185,46 @@ class LearnerGroup:
         import ray
 
         if self.cfg.zero_stage == 3:  # the gather is collective
-            return ray.get([a.export_weights.remote() for a in self.actors])[0]
+            return self._call("export_weights")[0]
         return ray.get(self.actors[0].export_weights.remote())
 
     def attach_weight_sync(self, backend: Any) -> None:
         """Hand a broadcast weight-sync backend (`RolloutGroup.weight_sync` with `rollout.weight_sync`
         'nccl' or 'gloo') to rank 0, which then pushes straight into the engines (`push_weights`)."""
-        import ray
 
-        ray.get([a.attach_weight_sync.remote(backend) for a in self.actors])
+        self._call("attach_weight_sync", backend)
 
     def push_weights(self, version: int) -> dict[str, float]:
         """Rank 0 pushes the policy's weights into the engines through the attached backend (collective:
         every rank joins the ZeRO-3 gather); returns its sync metrics (`sync/bytes`, `sync/seconds`, ...)."""
-        import ray
 
-        return ray.get([a.push_weights.remote(version) for a in self.actors])[0]
+        return self._call("push_weights", version)[0]
 
     def critic_weights(self) -> dict[str, torch.Tensor]:
         """The critic's full fp32 state dict (`model.*` trunk, `value_head.*`); needs the critic."""
-        import ray
 
         if not self.cfg.critic.enabled:
             raise ValueError("critic_weights: learner.critic.enabled is false, there is no critic")
-        return ray.get([a.critic_weights.remote() for a in self.actors])[0]
+        return self._call("critic_weights")[0]
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """HF-format policy + `trainer_state/` into `path` (see `LearnerWorker.save_checkpoint`)."""
-        import ray
 
-        ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
+        self._call("save_checkpoint", str(path))
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Exact resume from `save_checkpoint(path)`: weights, optimizer, RNG and version (the critic's
         weights and optimizer too, when enabled)."""
-        import ray
 
-        versions = ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
-        self._version = versions[0]
+        self._version = self._call("load_checkpoint", str(path))[0]
         return self._version
 
     def check_weight_broadcast(self, timeout_s: float = 60.0) -> list[float]:
         """Broadcast rank 0's weights to all ranks over a freshly created process group; per-rank checksums
         (all equal when it works). Raises ray's GetTimeoutError instead of hanging past `timeout_s`."""
-        import ray
 
-        return ray.get([a.weight_broadcast_check.remote() for a in self.actors], timeout=timeout_s)
+        return self._call("weight_broadcast_check", timeout=timeout_s)
 
     def shutdown(self) -> None:
         """Leave the process groups and kill the actors (idempotent)."""

@@ -31,14 +31,12 @@ from rlstack.mispo import AlgorithmConfig, compute_policy_loss
 SUMMED = ("actor/loss", "actor/pg_loss")
 # Token counts: they add up over micro-batches, ranks and mini-batches.
 COUNTED = ("actor/signal_tokens", "actor/nonfinite_logp_tokens")
-# Trajectory filters that need no state across steps: one micro-batch's rows can be filtered on their own.
-STATELESS_TRAJ_FILTERS = ("fixed", "off")
 
 
 def old_logp_from_forward_is_exact(n_minibatches: int, algo_cfg: AlgorithmConfig) -> bool:
     """Whether pi_old may come from the training forward: one optimizer step per train step (none has run
     when pi_old is read) and a trajectory filter that can be applied per micro-batch."""
-    return n_minibatches == 1 and algo_cfg.traj_filter in STATELESS_TRAJ_FILTERS
+    return n_minibatches == 1 and algo_cfg.traj_filter_is_stateless
 
 
 class Reducer(Protocol):
@@ -174,12 +172,10 @@ def check_trainable(batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forw
         raise ValueError("PolicyBatch.old_logp is None: compute pi_old with compute_logprobs(batch) first")
     if batch.advantages is None:
         raise ValueError("PolicyBatch.advantages is None: set them with rlstack.mispo.compute_advantages")
-    if batch.old_logp is None and (
-        batch.filter is not None or algo_cfg.traj_filter not in STATELESS_TRAJ_FILTERS
-    ):
+    if batch.old_logp is None and (batch.filter is not None or not algo_cfg.traj_filter_is_stateless):
         raise ValueError(
             "pi_old from the training forward (old_logp None) computes the MIS filter per micro-batch, so it "
-            f"needs a stateless trajectory filter {STATELESS_TRAJ_FILTERS} and no precomputed batch.filter; "
+            "needs a stateless trajectory filter ('fixed' or 'off') and no precomputed batch.filter; "
             f"got traj_filter '{algo_cfg.traj_filter}'"
             + (" and a filter" if batch.filter is not None else "")
         )

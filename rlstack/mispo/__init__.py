@@ -1,7 +1,7 @@
 """MIS-PO and baselines (GRPO/PPO-clip, GSPO) in pure PyTorch: filters, advantages, losses.
 
 No Ray, vLLM or DeepSpeed here; names resolve lazily, so `from rlstack.mispo import AlgorithmConfig`
-parses a config without importing torch. Spec: docs/MISPO.md. One training step, as the learner runs it:
+parses a config without importing torch. Spec: docs/algorithm.md. One training step, as the learner runs it:
 
     cfg = AlgorithmConfig(name="mispo", traj_filter="adaptive")
     mis_filter = MISFilter(cfg)  # long-lived; checkpoint mis_filter.state_dict()

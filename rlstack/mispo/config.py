@@ -1,7 +1,7 @@
 """Typed configuration of the policy-optimisation algorithm (MIS-PO and its baselines).
 
 Imports pydantic only (no torch), so a config file parses and validates before torch is loaded.
-Defaults follow docs/MISPO.md; the paper's values are marked [S], our own choices [I].
+Defaults follow docs/algorithm.md; the paper's values are marked [S], our own choices [I].
 """
 
 from __future__ import annotations
@@ -99,6 +99,12 @@ class AlgorithmConfig(BaseModel):
         if isinstance(data, dict) and "loss_norm" not in data:
             data = {**data, "loss_norm": "seq_mean" if data.get("name") == "gspo" else "token_mean"}
         return data
+
+    @property
+    def traj_filter_is_stateless(self) -> bool:
+        """Whether the trajectory filter needs no state across steps (`fixed`, `off`): any subset of rows,
+        e.g. one micro-batch, can then be filtered on its own."""
+        return self.traj_filter in ("fixed", "off")
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:

@@ -1,4 +1,4 @@
-"""MIS filters: which tokens and trajectories may train the policy (docs/MISPO.md, "Filters").
+"""MIS filters: which tokens and trajectories may train the policy (docs/algorithm.md, "Filters").
 
     log x_t    = log pi_old(a_t) - log pi_rollout(a_t)        token log-ratio, (B, T)
     log rho    = mean of log x_t over generated tokens         trajectory statistic, (B,)

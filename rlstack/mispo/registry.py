@@ -128,7 +128,7 @@ def compute_policy_loss(
     )
     loss_mask = loss_mask.bool()  # (B, T)
     use_mis = cfg.name == "mispo" or cfg.baseline_mis_masks
-    if filter_result is None and cfg.traj_filter in ("fixed", "off"):
+    if filter_result is None and cfg.traj_filter_is_stateless:
         traj_band = cfg.traj_band if cfg.traj_filter == "fixed" else None
         filter_result = apply_filters(old_logp, rollout_logp, loss_mask, cfg.token_band, traj_band)
     # A token the learner gives log-prob -inf (outside its top-k/top-p support) or NaN never trains.

@@ -1,7 +1,8 @@
-"""Reward plugins (TRL-compatible functions): the registry, the math and puzzle verifiers, the combiner."""
+"""Reward plugins (TRL-compatible functions): the registry, the verifiers and judges, the scoring group."""
 
 from rlstack.rewards.code_verify import CodeVerifier, code_reward
-from rlstack.rewards.config import RewardSpec
+from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
+from rlstack.rewards.group import GroupRewards, RewardGroup
 from rlstack.rewards.judges.genrm import genrm_reward
 from rlstack.rewards.judges.metarm import metarm_reward
 from rlstack.rewards.judges.preference import preference_reward
@@ -13,7 +14,6 @@ from rlstack.rewards.puzzle import check_expression, puzzle_reward
 from rlstack.rewards.registry import (
     ENTRY_POINT_GROUP,
     CombinedRewards,
-    RewardCombiner,
     RewardError,
     RewardResult,
     call_reward,
@@ -31,11 +31,13 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "CodeVerifier",
     "CombinedRewards",
+    "GroupRewards",
     "MathVerifier",
-    "RewardCombiner",
     "RewardError",
+    "RewardGroup",
     "RewardResult",
     "RewardSpec",
+    "RewardWorkersConfig",
     "call_reward",
     "check_expression",
     "code_reward",

@@ -1,8 +1,9 @@
 """`RewardGroup`: reward plugins scored by Ray actors, batched and concurrent, each call under a time limit,
 failures isolated to their samples, results cached.
 
-The driver hands a batch to `RewardGroup(prompts, completions, sample_ids=..., **columns)` and gets
-`CombinedRewards` back, exactly as from an in-process `RewardCombiner`. Inside:
+The one scoring path: training, `rlstack eval` and `rlstack rewards try` hand a batch (TRL-style, built by
+`rlstack.rewards.scoring`) to `RewardGroup(prompts, completions, sample_ids=..., **columns)` and get
+`GroupRewards` back. Inside:
 
 - samples are routed to workers by a hash of their prompt, so a repeated sample meets the same worker's
   cache and a prompt's group is scored together, in chunks of about `chunk_size`, all workers at once;
@@ -18,7 +19,8 @@ The driver hands a batch to `RewardGroup(prompts, completions, sample_ids=..., *
   are not cached. A plugin marks its own timeouts with a "timeout" key in a sample's info (`RewardResult`);
   they count in `timeouts` too.
 
-`reward_workers.num_workers: 0` runs the same `RewardScorer` in the driver process (no Ray actors).
+`reward_workers.num_workers: 0` (or `RewardGroup.in_process`) runs the same `RewardScorer` in the calling
+process (no Ray actors), with the same deadlines and cache.
 """
 
 from __future__ import annotations
@@ -251,7 +253,13 @@ class RewardScorer:
 
 
 class RewardGroup:
-    """The driver's handle on reward scoring; called like a `RewardCombiner`."""
+    """The handle on reward scoring: the configured rewards' weighted sum over a batch, per-reward scores,
+    failures and details (see the module docstring).
+
+    >>> group = RewardGroup.in_process([RewardSpec(name="puzzle", weight=2.0)])
+    >>> group(["p"], ["\\\\boxed{2*3+4}"], numbers=[[2, 3, 4]], target=[10]).total
+    [2.0]
+    """
 
     def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
         validate_specs(specs)  # fail fast, in the driver, on an unknown plugin or a bad option
@@ -272,6 +280,13 @@ class RewardGroup:
                     "importable in Ray workers: run from its directory, set PYTHONPATH, or ship it with "
                     "`ray job submit --working-dir`"
                 ) from error
+
+    @classmethod
+    def in_process(
+        cls, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None
+    ) -> RewardGroup:
+        """A group scoring in this process (no Ray): `config`'s deadlines and cache, `num_workers: 0`."""
+        return cls(specs, (config or RewardWorkersConfig()).model_copy(update={"num_workers": 0}))
 
     def _spawn(self) -> Any:
         import ray
@@ -403,6 +418,8 @@ class RewardGroup:
         return GroupRewards(total, per_reward, errors, info, timeouts, hits, self.restarts)
 
     def shutdown(self) -> None:
+        if not self._workers:  # in-process: nothing to stop
+            return
         import ray
 
         for worker in self._workers:

@@ -1,5 +1,6 @@
 """Reward plugins: the in-tree registry, the `rlstack.rewards` entry-point group, `pkg.mod:fn` import paths,
-options checked at config time, the checked call and the weighted combiner.
+options checked at config time, the checked call and the weighted sum (`RewardGroup` in
+`rlstack.rewards.group` scores batches with them).
 
 A reward is TRL-compatible, so TRL reward functions (e.g. those in `trl.rewards`) drop in unchanged:
 
@@ -475,38 +476,6 @@ class CombinedRewards:
     """Per-sample details by label (from `RewardResult`s, or the error text of a failed sample)."""
 
 
-class RewardCombiner:
-    """Resolves the configured rewards once, then scores batches with their weighted sum, in this process.
-
-    No deadlines or cache: the training driver uses `rlstack.rewards.group.RewardGroup`, which adds both.
-    `sample_ids` (the samples' prompt ids, never passed to a plugin) name failed samples in logs and info.
-
-    >>> combiner = RewardCombiner([RewardSpec(name="puzzle", weight=2.0)])
-    >>> combiner(["p"], ["\\\\boxed{2*3+4}"], numbers=[[2, 3, 4]], target=[10]).total
-    [2.0]
-    """
-
-    def __init__(self, specs: Sequence[RewardSpec]) -> None:
-        validate_specs(specs)
-        self.specs = list(specs)
-        self.fns = [resolve(s) for s in specs]
-
-    def __call__(
-        self,
-        prompts: Sequence[Any],
-        completions: Sequence[Any],
-        *,
-        sample_ids: Sequence[str] | None = None,
-        **columns: Any,
-    ) -> CombinedRewards:
-        per_reward, errors, info = {}, {}, {}
-        for spec, fn in zip(self.specs, self.fns, strict=True):
-            outcome = call_isolated(fn, spec.label, prompts, completions, columns, sample_ids)
-            per_reward[spec.label], errors[spec.label], info[spec.label] = outcome
-        total = combine(per_reward, {s.label: s.weight for s in self.specs})
-        return CombinedRewards(total, per_reward, errors, info)
-
-
 def check_specs(specs: Sequence[RewardSpec]) -> None:
     """At least one reward, and no label twice."""
     if not specs:
@@ -525,44 +494,6 @@ def sample_name(i: int, sample_ids: Sequence[str] | None) -> str:
 def failure_info(error: str, i: int, sample_ids: Sequence[str] | None) -> dict[str, Any]:
     """A failed sample's info: the error, and the sample's prompt id when known."""
     return {"error": error} if sample_ids is None else {"error": error, "prompt_id": sample_ids[i]}
-
-
-def call_isolated(
-    fn: RewardFn,
-    label: str,
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    columns: Mapping[str, Any],
-    sample_ids: Sequence[str] | None = None,
-) -> tuple[RewardOutput, int, Info]:
-    """Call a plugin on the batch; if it fails, call it per sample so one bad sample costs only itself.
-
-    A failing sample scores None (the reward does not apply), its info holds the error, and it is logged
-    with the plugin's name and the sample (index, and prompt id from `sample_ids`); training goes on.
-    Returns (scores, number of failed samples, per-sample info).
-    """
-    try:
-        scores, info = call_reward_with_info(fn, prompts, completions, name=label, **columns)
-        return scores, 0, info
-    except Exception as batch_error:  # a user plugin: any exception is the plugin's, not ours
-        logger.error(
-            "reward '%s' failed on a batch of %d (%s); retrying per sample", label, len(prompts), batch_error
-        )
-    scores, info = [], []
-    failed = 0
-    for i in range(len(prompts)):
-        one = {k: [v[i]] for k, v in columns.items()}
-        try:
-            score, detail = call_reward_with_info(fn, [prompts[i]], [completions[i]], name=label, **one)
-            scores.extend(score)
-            info.extend(detail)
-        except Exception as error:
-            failed += 1
-            message = f"{type(error).__name__}: {error}"
-            scores.append(None)
-            info.append(failure_info(message, i, sample_ids))
-            logger.error("reward '%s' failed on %s: %s", label, sample_name(i, sample_ids), message)
-    return scores, failed, info
 
 
 def combine(per_reward: Mapping[str, RewardOutput], weights: Mapping[str, float]) -> RewardOutput:

@@ -9,8 +9,9 @@ Weight updates keep every rollout on one weights version: `begin_update` stops n
 waits for the running ones to finish on the old weights, then loads (the engine is idle while buckets
 arrive); `finish_update` sets the new version and lets the waiting calls in. The engine side is the same
 `WorkerExtension` as the sync engine (layerwise reload + the CPU MoE re-prepack of blocker 2), reached
-with AsyncLLM's own `collective_rpc`. AsyncLLM always runs its engine core in a separate process, so
-payloads cross as bytes (tensors cannot), and `shutdown` must stop that process before Ray kills the actor.
+with AsyncLLM's own `collective_rpc` through the same forwarding methods (rollout.sync.engine_rpc).
+AsyncLLM always runs its engine core in a separate process, so payloads cross as bytes (tensors cannot),
+and `shutdown` must stop that process before Ray kills the actor.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import close_llm, make_async_llm
+from rlstack.rollout.sync.engine_rpc import AsyncEngineRPC
 from rlstack.rollout.worker import (
     Prompt,
     engine_settings,
@@ -35,8 +37,9 @@ from rlstack.rollout.worker import (
 from rlstack.types import Rollout
 
 
-class AsyncRolloutWorker:
-    """Plain class with async methods; `RolloutGroup` runs it as a Ray (async) actor."""
+class AsyncRolloutWorker(AsyncEngineRPC):
+    """Plain class with async methods; `RolloutGroup` runs it as a Ray (async) actor. The weight-sync
+    methods (`load_bucket`, `join_group`, ...) are `AsyncEngineRPC`'s; begin / finish gate generation."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
         self.config = config
@@ -85,17 +88,11 @@ class AsyncRolloutWorker:
         async with self._state:
             self._updating = True
             await self._state.wait_for(lambda: self._running == 0)
-        await self.llm.collective_rpc("rlstack_begin_update")
-
-    async def load_bucket(self, payload: bytes) -> int:
-        return (await self.llm.collective_rpc("rlstack_load_bucket", args=(payload,)))[0]
-
-    async def receive_bucket(self, wire_bucket: list[list]) -> int:
-        return (await self.llm.collective_rpc("rlstack_receive_bucket", args=(wire_bucket,)))[0]
+        await super().begin_update()
 
     async def finish_update(self, version: int | None) -> int:
         try:
-            return (await self.llm.collective_rpc("rlstack_finish_update"))[0]
+            return await self._finish_reload()
         finally:
             async with self._state:
                 if version is not None:
@@ -107,24 +104,8 @@ class AsyncRolloutWorker:
         async with self._state:
             self.version = version
 
-    async def engine_world_size(self) -> int:
-        return len(await self.llm.collective_rpc("rlstack_world_rank"))
-
-    async def join_group(
-        self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
-    ) -> list[int]:
-        args = (host, port, rank_offset, world_size, transport, timeout_s)
-        return await self.llm.collective_rpc("rlstack_join_group", args=args)
-
-    async def leave_group(self) -> None:
-        await self.llm.collective_rpc("rlstack_leave_group")
-
     async def get_version(self) -> int:
         return self.version
-
-    async def parameters_bytes(self) -> bytes:
-        """The engine's live parameters (safetensors bytes), for checks against a fresh engine."""
-        return (await self.llm.collective_rpc("rlstack_parameters"))[0]
 
     async def info(self) -> dict[str, object]:
         return {"pid": os.getpid(), "version": self.version, "time": time.time()}

@@ -94,7 +94,7 @@ def engine_kwargs(model_path: str | Path, settings: EngineSettings) -> dict[str,
         # ("CPU Generator does not use offset"); whole-prompt scheduling avoids it.
         "enable_chunked_prefill": False,
         "enforce_eager": settings.enforce_eager,
-        "worker_extension_cls": "rlstack.rollout.weight_sync.WorkerExtension",
+        "worker_extension_cls": "rlstack.rollout.sync.worker_extension.WorkerExtension",
     }
 
 

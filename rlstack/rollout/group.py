@@ -15,7 +15,9 @@ from pathlib import Path
 import ray
 
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
-from rlstack.rollout.sync import WeightSyncBackend, checkpoint_tensors, make_backend
+from rlstack.rollout.sync.backend import WeightSyncBackend
+from rlstack.rollout.sync.plan import checkpoint_tensors
+from rlstack.rollout.sync.push import make_backend
 from rlstack.rollout.worker import Prompt, RolloutWorker
 from rlstack.types import Rollout
 
@@ -62,8 +64,8 @@ class RolloutGroup:
             known=checkpoint_tensors(model_path) if Path(model_path).is_dir() else None,
         )
         """How `update_weights` pushes. With 'nccl' / 'gloo' (broadcast) the push must run in the learner's
-        rank-0 process: pass this (picklable) object there (`LearnerGroup.attach_weight_sync`) and push
-        from it (`LearnerGroup.push_weights`)."""
+        rank-0 process (`pushes_from_learner`): rollout.sync.push `attach` hands this (picklable) object
+        there and `push_policy` pushes from it."""
 
     def submit(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> PendingRollouts:
         """Spread prompts over the workers in contiguous chunks (keeps each prompt's group together)."""

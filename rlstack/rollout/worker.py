@@ -4,7 +4,8 @@ Token in, token out: prompts arrive as token ids (or text the worker tokenises o
 token ids with the sampled tokens' log-probs and the weights version that produced them; nothing is
 re-tokenised downstream. New weights go into the running engine in place (no restart), in buckets
 (begin_update / load_bucket or receive_bucket / finish_update, driven by rollout.sync), or in one call
-(`update_weights`). `engine: async` uses rollout.async_worker.AsyncRolloutWorker instead.
+(`update_weights`); those methods come from rollout.sync.engine_rpc.EngineRPC. `engine: async` uses
+rollout.async_worker.AsyncRolloutWorker instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
-from rlstack.rollout.weight_sync import push_weights
+from rlstack.rollout.sync.engine_rpc import EngineRPC
 from rlstack.types import Rollout
 
 
@@ -45,8 +46,9 @@ def engine_settings(config: RolloutConfig) -> EngineSettings:
     )
 
 
-class RolloutWorker:
-    """Plain class; `RolloutGroup` runs it as a Ray actor (`ray.remote(RolloutWorker)`)."""
+class RolloutWorker(EngineRPC):
+    """Plain class; `RolloutGroup` runs it as a Ray actor (`ray.remote(RolloutWorker)`). The weight-sync
+    methods (`begin_update`, `load_bucket`, `join_group`, ...) are `EngineRPC`'s."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
         self.config = config
@@ -62,29 +64,9 @@ class RolloutWorker:
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, self.version)]
 
-    def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
-        """Load one safetensors payload in place in a single call and take on `version`."""
-        stats = push_weights(self.llm, payload)
-        self.version = version
-        return {
-            "sync/bytes": float(stats.bytes),
-            "sync/seconds": stats.seconds,
-            "sync/mb_per_s": stats.mb_per_s,
-        }
-
-    # Bucketed updates (rollout.sync): begin, buckets (load_bucket or receive_bucket), finish.
-    def begin_update(self) -> None:
-        self.llm.collective_rpc("rlstack_begin_update")
-
-    def load_bucket(self, payload: bytes) -> int:
-        return self.llm.collective_rpc("rlstack_load_bucket", args=(payload,))[0]
-
-    def receive_bucket(self, wire_bucket: list[list]) -> int:
-        return self.llm.collective_rpc("rlstack_receive_bucket", args=(wire_bucket,))[0]
-
     def finish_update(self, version: int | None) -> int:
         """End the update (MoE layers re-prepacked: returned); `version=None` keeps the old version."""
-        repacked = self.llm.collective_rpc("rlstack_finish_update")[0]
+        repacked = self._finish_reload()
         if version is not None:
             self.version = version
         return repacked
@@ -92,24 +74,8 @@ class RolloutWorker:
     def set_version(self, version: int) -> None:
         self.version = version
 
-    def engine_world_size(self) -> int:
-        return len(self.llm.collective_rpc("rlstack_world_rank"))
-
-    def join_group(
-        self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
-    ) -> list[int]:
-        args = (host, port, rank_offset, world_size, transport, timeout_s)
-        return self.llm.collective_rpc("rlstack_join_group", args=args)
-
-    def leave_group(self) -> None:
-        self.llm.collective_rpc("rlstack_leave_group")
-
     def get_version(self) -> int:
         return self.version
-
-    def parameters_bytes(self) -> bytes:
-        """The engine's live parameters (safetensors bytes), for checks against a fresh engine."""
-        return self.llm.collective_rpc("rlstack_parameters")[0]
 
     def info(self) -> dict[str, object]:
         return {"pid": os.getpid(), "version": self.version, "time": time.time()}

@@ -195,11 +195,11 @@ def test_judges_score_the_tiny_policy_through_the_reward_registry(
     judge_cluster: dict[str, float], tiny_checkpoint: Path
 ) -> None:
     """The tiny MoE policy (random init: garbage text) samples answers; genrm and metarm, named in reward
-    specs with options as a run config would, score them through the combiner."""
+    specs with options as a run config would, score them in-process through RewardGroup."""
     from vllm import SamplingParams
 
-    from rlstack.rewards.config import RewardSpec
-    from rlstack.rewards.registry import RewardCombiner
+    from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
+    from rlstack.rewards.group import RewardGroup
     from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 
     prompts = [f"<|user|>{q}<|assistant|>" for q in QUESTIONS]
@@ -211,11 +211,12 @@ def test_judges_score_the_tiny_policy_through_the_reward_registry(
         close_llm(llm)
     completions = [c.text for out in outputs for c in out.outputs]
     batch_prompts = [p for p in prompts for _ in range(2)]
-    combiner = RewardCombiner(
+    combiner = RewardGroup.in_process(
         [
             RewardSpec(name="genrm", options=JUDGE),
             RewardSpec(name="metarm", weight=0.5, options={**JUDGE, "base_options": JUDGE, "penalty": 0.2}),
-        ]
+        ],
+        RewardWorkersConfig(time_limit_s=600.0),  # the first call starts the judge engine
     )
     result = combiner(batch_prompts, completions)
     assert result.errors == {"genrm": 0, "metarm": 0}

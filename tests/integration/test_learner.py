@@ -15,7 +15,8 @@ import torch
 from learner_batches import ALGO, make_batch
 from safetensors import safe_open
 
-from rlstack.learner import LearnerConfig, LearnerGroup
+from rlstack.learner import LearnerConfig, LearnerGroup, PolicyBatch
+from rlstack.mispo import AlgorithmConfig
 from rlstack.model import Step3p5ForCausalLM
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
@@ -86,7 +87,7 @@ def reference(ray_cluster, tiny_checkpoint: Path) -> dict:
         initial = group.export_weights()
         old_logp = group.compute_logprobs(batch)
         start = time.perf_counter()
-        metrics = group.train_step(batch.replace(old_logp=old_logp), ALGO)
+        metrics = group.train(batch.replace(old_logp=old_logp), ALGO).metrics
         step_s = time.perf_counter() - start
         after = group.export_weights()
     return {"batch": batch, "initial": initial, "old_logp": old_logp, "metrics": metrics, "after": after,
@@ -117,7 +118,7 @@ def test_zero_stage_on_two_ranks_matches_stage0_on_one(
     with LearnerGroup(tiny_checkpoint, cfg) as group:
         old_logp = group.compute_logprobs(batch)
         assert float((old_logp - reference["old_logp"]).abs().max()) < TOL
-        metrics = group.train_step(batch, ALGO)  # old_logp recomputed inside, as the driver may leave it
+        metrics = group.train(batch.replace(old_logp=old_logp), ALGO).metrics
         after = group.export_weights()
         actors = {p.pid for p in _learner_processes()}
         assert len(actors) == 2
@@ -128,6 +129,11 @@ def test_zero_stage_on_two_ranks_matches_stage0_on_one(
     for key in ("actor/loss", "actor/entropy", "actor/train_frac", "actor/grad_norm", "batch/tokens"):
         assert metrics[key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-6), key
     assert not _wait_gone(lambda: _learner_processes(actors), 20), "learner actors outlived shutdown()"
+
+
+def _step(group: LearnerGroup, batch: PolicyBatch, algo: AlgorithmConfig) -> dict[str, float]:
+    """One train step with pi_old from a separate pass first (the driver's unfused path); its metrics."""
+    return group.train(batch.replace(old_logp=group.compute_logprobs(batch)), algo).metrics
 
 
 def _wait_gone(probe, timeout_s: float) -> list:
@@ -144,11 +150,11 @@ def test_save_load_resumes_exactly(stage: int, ray_cluster, tiny_checkpoint: Pat
     batch1, batch2 = make_batch(8, seed=2), make_batch(8, seed=3)
     ckpt = tmp_path / "step_1"
     with LearnerGroup(tiny_checkpoint, cfg) as first:
-        first.train_step(batch1, ALGO)
+        _step(first, batch1, ALGO)
         saved = first.export_weights()
         first.save_checkpoint(ckpt)
         saved_opt = ray.get([a.optimizer_state.remote() for a in first.actors])
-        first.train_step(batch2, ALGO)
+        _step(first, batch2, ALGO)
         expected = first.export_weights()
 
     # the directory is an HF checkpoint vLLM can load: config, weights under checkpoint names, tokenizer
@@ -165,7 +171,7 @@ def test_save_load_resumes_exactly(stage: int, ray_cluster, tiny_checkpoint: Pat
         for before, after in zip(saved_opt, restored_opt, strict=True):
             assert before.keys() == after.keys() and len(before) > 0
             assert all(torch.equal(before[k], after[k]) for k in before)
-        metrics = resumed.train_step(batch2, ALGO)  # the same next step, bit for bit
+        metrics = _step(resumed, batch2, ALGO)  # the same next step, bit for bit
         assert metrics["actor/lr"] == pytest.approx(2e-4)  # 3e-4 * 2 / 3: the schedule went on
         assert all(torch.equal(v, expected[k]) for k, v in resumed.export_weights().items())
 
@@ -181,12 +187,12 @@ def test_weight_broadcast_after_a_step_completes(ray_cluster, tiny_checkpoint: P
         infos = ray.get([a.dist_info.remote() for a in group.actors])
         assert [i["rank"] for i in infos] == [0, 1] and all(i["world_size"] == 2 for i in infos)
         assert all(i["bound_device_id"] is None and i["backend"] == "gloo" for i in infos)
-        group.train_step(batch, ALGO)
+        _step(group, batch, ALGO)
         sums = group.check_weight_broadcast(timeout_s=30)
         weights = group.export_weights()
         expected = sum(float(w.double().sum()) for w in weights.values())
         assert sums == pytest.approx([expected, expected], rel=1e-12)
-        group.train_step(batch, ALGO)  # the default group still works after the extra one came and went
+        _step(group, batch, ALGO)  # the default group still works after the extra one came and went
         assert group.version == 2
 
 
@@ -209,11 +215,11 @@ def test_kl_reference_is_frozen_partitioned_and_is_learning_signal(
         with LearnerGroup(tiny_checkpoint, cfg, reference_path=tiny_checkpoint) as group:
             numel = ray.get([a.reference_numel.remote() for a in group.actors])
             initial = group.export_weights()
-            m1 = group.train_step(batch, KL_ALGO)
+            m1 = _step(group, batch, KL_ALGO)
             moved = group.export_weights()
-            m2 = group.train_step(no_adv, KL_ALGO)
+            m2 = _step(group, no_adv, KL_ALGO)
             back = group.export_weights()
-            m3 = group.train_step(no_adv, ALGO)  # the same batch without KL: no signal, lr 0
+            m3 = _step(group, no_adv, ALGO)  # the same batch without KL: no signal, lr 0
             still = group.export_weights()
         return {"numel": numel, "initial": initial, "m1": m1, "moved": moved, "m2": m2, "back": back,
                 "m3": m3, "still": still}  # fmt: skip

@@ -55,7 +55,7 @@ def require_cuda() -> None:
 
 
 def train(worker: LearnerWorker, batch: PolicyBatch) -> dict[str, float]:
-    """One `train_step` with pi_old recomputed first (a worker needs it; `LearnerGroup` does this)."""
+    """One `train_step` with pi_old recomputed first (a separate pass, as the driver's unfused path)."""
     return worker.train_step(batch.replace(old_logp=worker.compute_logprobs(batch)), ALGO)
 
 

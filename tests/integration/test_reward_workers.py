@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from rlstack.data.prompts import rollout_prompt
-from rlstack.driver import score_rollouts
 from rlstack.model.tokenizer import build_tokenizer
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rewards.group import RewardGroup
+from rlstack.rewards.scoring import score_rollouts
 from rlstack.types import Rollout
 
 pytestmark = [pytest.mark.ray]

@@ -16,7 +16,7 @@ from rlstack.model import Step3p5ForCausalLM, init_checkpoint, tiny
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 from rlstack.rollout.group import RolloutGroup
-from rlstack.rollout.sync.nccl import BroadcastBackend
+from rlstack.rollout.sync.broadcast import BroadcastBackend
 from rlstack.rollout.sync.object_store import ObjectStoreBackend
 from rlstack.rollout.worker import Prompt
 

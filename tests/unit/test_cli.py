@@ -234,3 +234,78 @@ def test_train_refuses_bad_input_before_ray_starts(bad: str, tmp_path: Path, cap
     line = one_error_line(capsys)
     assert {"reward_name": "mathh", "reward_option": "time_limt", "jsonl_row": "line 2"}[bad] in line
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+# ---- rewards try -------------------------------------------------------------------------------------
+
+
+def shouty(prompts, completions, completion_ids, answer, scale=1.0, **columns):
+    """A test plugin: the answer in the completion scores `scale`; an exclamation mark breaks it."""
+    from rlstack.rewards.registry import RewardResult
+
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # conversational rows
+    if any("!" in text for text in texts):
+        raise ValueError("cannot score a shout")
+    scores = [scale * float(a in text) for text, a in zip(texts, answer, strict=True)]
+    info = [{"ids": len(ids), "level": lv} for ids, lv in zip(completion_ids, columns["level"], strict=True)]
+    return RewardResult(scores, info)
+
+
+def shouty_factory(scale: float):
+    def reward(prompts, completions, **columns):
+        return [scale] * len(completions)
+
+    return reward
+
+
+def write_rows(path: Path) -> Path:
+    rows = [
+        {"prompt": "2+2?", "answer": "4", "level": 1, "completion": "it is 4", "completion_ids": [1, 2]},
+        {"prompt": [{"role": "user", "content": "3+3?"}], "answer": "6", "level": 2, "completion": "6!"},
+        {"prompt": "1+1?", "answer": "2", "level": 3, "completion": "3"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rewards_try_prints_scores_unscored_rows_and_info(tmp_path: Path, capsys) -> None:
+    data = write_rows(tmp_path / "rows.jsonl")
+    argv = ["rewards", "try", f"{__name__}:shouty", "--options", '{"scale": 2}', str(data), "--rows", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "row 1 (prompt_id rows-1): score 2"
+    assert out[2] == '    info: {"ids": 2, "level": 1}'
+    # the failing row costs only itself: unscored, with the plugin's error as the reason, as in training
+    assert out[3] == (
+        f"row 2 (prompt_id rows-2): unscored: {__name__}:shouty: ValueError: cannot score a shout"
+    )
+    assert '"error": "ValueError: cannot score a shout"' in out[4] and '"prompt_id": "rows-2"' in out[4]
+    assert out[5] == "row 3 (prompt_id rows-3): score 0"
+    assert out[-1].startswith("2 scored, 1 unscored (errors 1, timeouts 0), mean 1;")
+
+
+def test_rewards_try_a_factory_and_a_builtin(tmp_path: Path, capsys) -> None:
+    data = write_rows(tmp_path / "rows.jsonl")
+    argv = ["rewards", "try", f"{__name__}:shouty_factory", "--factory", "--options", '{"scale": 0.5}']
+    assert main([*argv, str(data), "--rows", "1"]) == 0
+    assert "row 1 (prompt_id rows-1): score 0.5" in capsys.readouterr().out
+    assert main(["rewards", "try", "math", str(data), "--completion-column", "answer"]) == 0
+    out = capsys.readouterr().out
+    assert "3 row(s)" in out and "unscored: no configured reward applies" in out  # no \boxed{}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["mathh"], "unknown reward 'mathh'"),
+        (["math", "--options", "{scale"], "--options: not JSON"),
+        (["math", "--options", '{"scale": 2}'], "reward 'math': unknown option 'scale'"),
+        (["math", "--completion-column", "reply"], "completion column 'reply' is missing; columns:"),
+    ],
+)
+def test_rewards_try_user_mistakes_are_one_line(
+    args: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    data = write_rows(tmp_path / "rows.jsonl")
+    assert main(["rewards", "try", *args, str(data)]) == 2
+    assert message in one_error_line(capsys)

@@ -116,7 +116,7 @@ def test_gloo_weight_sync_works_with_a_gloo_learner() -> None:
 @pytest.mark.parametrize(("sync", "transport"), [("gloo", "gloo"), ("nccl", "nccl"), ("object_store", None)])
 def test_weight_sync_choice_picks_the_backend(sync: str, transport: str | None) -> None:
     from rlstack.rollout.sync import make_backend
-    from rlstack.rollout.sync.nccl import BroadcastBackend
+    from rlstack.rollout.sync.broadcast import BroadcastBackend
 
     backend = make_backend(load_config(None, [f"rollout.weight_sync={sync}"]).rollout.weight_sync, [], 1)
     assert isinstance(backend, BroadcastBackend) == (transport is not None)

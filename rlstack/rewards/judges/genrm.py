@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from rlstack.config_base import StrictModel
 from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE
 from rlstack.rewards.judges.pairwise import grouped_bt_win_rates, swapped_wins, win_probability
 from rlstack.rewards.judges.parsing import STATS, parse_score
@@ -48,8 +47,9 @@ INFO_CHARS = 400
 """Characters of each judge reply kept in the sample's info."""
 
 
-class JudgeOptions(StrictModel):
-    """Options every judge reward (genrm, metarm) takes: the judge's sampling, templates and engine."""
+class JudgeOptions(JudgeSettings):
+    """Options every judge reward (genrm, metarm) takes: the judge's sampling and templates, and the
+    engine's settings (`JudgeSettings`)."""
 
     max_tokens: int = Field(64, ge=1)
     """Tokens of each judge reply."""
@@ -59,35 +59,13 @@ class JudgeOptions(StrictModel):
     """The user-turn template: a built-in name or a file (None: the reward's default)."""
     system_template: str | None = "system"
     """The system-turn template (None: no system turn)."""
-    model: str = Field(DEFAULT_JUDGE, min_length=1)
-    """`smollm2-135m` (the default judge) or an HF checkpoint directory."""
-    num_cpus: float = Field(1.0, ge=0.0)
-    """Ray CPUs the judge actor reserves (0 shares the cores of the rollout and learner actors)."""
-    threads: int | None = Field(None, ge=1)
-    """Torch threads of the engine; None = max(1, floor(num_cpus))."""
-    kv_cache_mb: int = Field(256, ge=1)
-    """KV-cache size of the judge engine, MiB."""
-    max_model_len: int = Field(1024, ge=64)
-    """Longest judge prompt + verdict; longer prompts are cut in the middle."""
-    max_num_seqs: int = Field(32, ge=1)
-    """Judge requests batched at once."""
-    seed: int = 0
-    """Seed of the judge engine."""
 
     def settings(self) -> JudgeSettings:
         """The judge engine these options ask for (equal settings share one judge actor)."""
         model = self.model
         if model != DEFAULT_JUDGE:  # the judge actor may run in another working directory
             model = str(Path(model).expanduser().resolve())
-        return JudgeSettings(
-            model,
-            self.num_cpus,
-            self.threads,
-            self.kv_cache_mb,
-            self.max_model_len,
-            self.max_num_seqs,
-            self.seed,
-        )
+        return JudgeSettings(**{**self.engine(), "model": model})
 
 
 class GenRMOptions(JudgeOptions):

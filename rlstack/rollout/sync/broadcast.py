@@ -1,113 +1,108 @@
-"""torch.distributed pieces of the broadcast backend: a private process group, and packed bucket buffers.
+"""The broadcast backends, `nccl` (GPUs) and `gloo` (CPU): buckets broadcast from the learner's rank 0 to
+every vLLM worker.
 
-The group is made from a TCPStore and a `ProcessGroupNCCL` / `ProcessGroupGloo` object directly, never
-through `torch.distributed.init_process_group`, so it does not touch the default group that vLLM (or
-DeepSpeed) already initialised in the same process. Rank 0 is the sender (the learner's rank 0); each vLLM
-worker joins as `rank_offset + its rank inside its engine`.
+As in verl / OpenRLHF: the sender (rank 0) and every vLLM worker (ranks 1..N, one per worker process of
+each engine) build a private process group (rollout.sync.collective); per bucket the sender asks each
+engine to receive (`collective_rpc` into `WorkerExtension.rlstack_receive_bucket`, which allocates the
+packed buffer on its GPU, joins the broadcast and loads the tensors with vLLM's layerwise reload), then
+broadcasts the packed bucket. Planning, changed-only and the begin/finish lifecycle are shared with the
+object-store backend (rollout.sync.backend).
 
-A bucket travels as one flat uint8 buffer: every tensor's bytes at its 64-byte-aligned offset
-(`plan_buckets(..., align=True)`), so a receiver views it back into tensors without a copy.
+Where it runs: the process that calls `push` is rank 0, i.e. the learner's rank 0: the backend object is
+picklable (the process group is made lazily, in the process that pushes), so `rollout.sync.push.attach`
+hands `RolloutGroup.weight_sync` to the learner (`LearnerGroup.attach_weight_sync`) and
+`rollout.sync.push.push_policy` calls `LearnerGroup.push_weights`. The transports differ only in the
+process group and the buffers' device (rollout.sync.collective): with NCCL, on CPU it refuses to start,
+naming the problem (`check_transport`); `transport="gloo"` runs the very same path over CPU tensors.
 """
 
 from __future__ import annotations
 
-import datetime
+import itertools
 from collections.abc import Mapping
+from typing import Any
 
+import ray
 import torch
-import torch.distributed as dist
 
-from rlstack.rollout.sync.plan import Bucket, TensorMeta, dtype_of
-
-TRANSPORTS = ("nccl", "gloo")
-_PREFIX = "rlstack-weight-sync"
-
-
-def check_transport(transport: str) -> None:
-    """Fail early, naming the problem, where a transport cannot work in this process."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown broadcast transport {transport!r}; expected one of {TRANSPORTS}")
-    if transport == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
-        raise RuntimeError(
-            "weight_sync='nccl' needs CUDA GPUs and an NCCL build of torch in every process that sends or "
-            f"receives weights; this process has torch {torch.__version__} with "
-            f"cuda_available={torch.cuda.is_available()}, nccl_available={dist.is_nccl_available()}. "
-            "Use rollout.weight_sync='object_store' on CPU."
-        )
+from rlstack.rollout.sync.backend import WeightSyncBackend
+from rlstack.rollout.sync.collective import (
+    TRANSPORTS,
+    broadcast,
+    bucket_to_wire,
+    check_transport,
+    create_store,
+    join_group,
+    pack,
+    transport_device,
+)
+from rlstack.rollout.sync.plan import Bucket
 
 
-def transport_device(transport: str) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else torch.device("cpu")
+class BroadcastBackend(WeightSyncBackend):
+    name = "broadcast"
+    align = True
+    pushes_from_learner = True
 
+    def __init__(
+        self,
+        workers: list[Any],
+        bucket_mb: float = 64.0,
+        changed_only: bool = True,
+        known: Mapping[str, tuple[int, ...]] | None = None,
+        transport: str = "nccl",
+        host: str | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__(workers, bucket_mb, changed_only, known)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown broadcast transport {transport!r}; expected one of {TRANSPORTS}")
+        self.transport = transport
+        self.host = host
+        self.timeout_s = timeout_s
+        self._group: Any = None
+        self._store: Any = None
 
-def create_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """Rank 0's store on a free port (read it back from `store.port`)."""
-    return dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=_timeout(timeout_s), wait_for_workers=False
-    )
+    def connect(self) -> None:
+        """Make the process group: this process is rank 0, engine e's workers are ranks offset_e + r."""
+        check_transport(self.transport)
+        host = self.host or ray.util.get_node_ip_address()
+        sizes = ray.get([w.engine_world_size.remote() for w in self.workers])
+        world_size = 1 + sum(sizes)
+        offsets = [1 + s for s in itertools.accumulate([0, *sizes[:-1]])]
+        store = create_store(host, world_size, self.timeout_s)
+        joined = [
+            w.join_group.remote(host, store.port, offset, world_size, self.transport, self.timeout_s)
+            for w, offset in zip(self.workers, offsets, strict=True)
+        ]
+        self._group = join_group(store, store.port, 0, world_size, self.transport, self.timeout_s)
+        ray.get(joined)
+        self._store = store
 
+    def push(self, state_dict: Mapping[str, torch.Tensor], version: int) -> dict[str, float]:
+        if self._group is None:
+            self.connect()
+        return super().push(state_dict, version)
 
-def join_group(
-    store_or_host: dist.Store | str,
-    port: int,
-    rank: int,
-    world_size: int,
-    transport: str,
-    timeout_s: float,
-) -> dist.ProcessGroup:
-    """Join (rank > 0: connect to rank 0's store at host:port) and build the private process group."""
-    check_transport(transport)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside a weight-sync group of {world_size}")
-    store = store_or_host
-    if isinstance(store_or_host, str):
-        store = dist.TCPStore(store_or_host, port, world_size, is_master=False, timeout=_timeout(timeout_s))
-    store = dist.PrefixStore(_PREFIX, store)  # type: ignore[arg-type]
-    if transport == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, _timeout(timeout_s))
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = _timeout(timeout_s)
-    return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    def _send_bucket(self, bucket: Bucket, state_dict: Mapping[str, torch.Tensor]) -> None:
+        receiving = [w.receive_bucket.remote(bucket_to_wire(bucket)) for w in self.workers]
+        buffer = pack(state_dict, bucket, transport_device(self.transport))
+        broadcast(self._group, buffer)
+        del buffer
+        ray.get(receiving)
 
+    def close(self) -> None:
+        if self._group is None:
+            return
+        try:
+            ray.get([w.leave_group.remote() for w in self.workers])
+        finally:
+            if hasattr(self._group, "shutdown"):
+                self._group.shutdown()
+            self._group = self._store = None
 
-def broadcast(group: dist.ProcessGroup, buffer: torch.Tensor) -> None:
-    """Rank 0 sends `buffer`; every other rank receives into its own `buffer` (same size and dtype)."""
-    group.broadcast(buffer, 0).wait()
-    if buffer.is_cuda:
-        torch.cuda.current_stream().synchronize()
-
-
-def pack(state_dict: Mapping[str, torch.Tensor], bucket: Bucket, device: torch.device) -> torch.Tensor:
-    """One uint8 buffer holding the bucket's tensors at their offsets (plan the bucket with align=True)."""
-    buffer = torch.zeros(bucket.packed_nbytes, dtype=torch.uint8, device=device)
-    for meta in bucket.tensors:
-        tensor = state_dict[meta.name].detach()
-        if tuple(tensor.shape) != meta.shape or str(tensor.dtype) != f"torch.{meta.dtype}":
-            got = f"{tensor.dtype}{tuple(tensor.shape)}"
-            raise ValueError(f"tensor {meta.name!r} is {got}, planned as {meta}")
-        if meta.nbytes:
-            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-            buffer[meta.offset : meta.offset + meta.nbytes].copy_(flat, non_blocking=True)
-    return buffer
-
-
-def unpack(buffer: torch.Tensor, bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
-    """Views of `buffer` as the bucket's tensors (no copy)."""
-    out = []
-    for meta in bucket.tensors:
-        raw = buffer[meta.offset : meta.offset + meta.nbytes]
-        out.append((meta.name, raw.view(dtype_of(meta.dtype)).view(meta.shape)))
-    return out
-
-
-def bucket_to_wire(bucket: Bucket) -> list[list]:
-    """Plain lists (vLLM's RPC to a spawned engine core serialises arguments with msgpack)."""
-    return [[t.name, t.dtype, list(t.shape), t.offset] for t in bucket.tensors]
-
-
-def bucket_from_wire(rows: list[list]) -> Bucket:
-    return Bucket(tuple(TensorMeta(str(n), str(d), tuple(map(int, s)), int(o)) for n, d, s, o in rows))
-
-
-def _timeout(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
+    def __getstate__(self) -> dict[str, Any]:
+        """Ship without the process group: it is made again in the process that pushes."""
+        state = dict(self.__dict__)
+        state["_group"] = state["_store"] = None
+        return state

@@ -1,7 +1,8 @@
 """The `object_store` backend: each bucket as safetensors bytes through Ray's object store.
 
 Works on CPU and across machines. A bucket is serialised once and `ray.put` once; every engine loads the
-same object, and the object is released before the next bucket is made.
+same object (`WorkerExtension.rlstack_load_bucket`), and the object is released before the next bucket is
+made.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from collections.abc import Mapping
 
 import ray
 import torch
+from safetensors.torch import save as save_safetensors
 
-from rlstack.rollout.sync.base import WeightSyncBackend
+from rlstack.rollout.sync.backend import WeightSyncBackend
 from rlstack.rollout.sync.plan import Bucket
-from rlstack.rollout.weight_sync import serialize_state_dict
 
 
 class ObjectStoreBackend(WeightSyncBackend):
@@ -25,3 +26,8 @@ class ObjectStoreBackend(WeightSyncBackend):
             ray.get([w.load_bucket.remote(ref) for w in self.workers])
         finally:
             del ref
+
+
+def serialize_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """Contiguous CPU copies → safetensors bytes (picklable, one Ray object shared by every engine)."""
+    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})

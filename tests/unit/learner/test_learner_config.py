@@ -32,7 +32,7 @@ def test_bad_values_are_refused(bad: dict) -> None:
 def test_deepspeed_config_and_param_groups() -> None:
     import torch
 
-    from rlstack.learner.worker import deepspeed_config, param_groups, resolve_backend
+    from rlstack.learner.engine import deepspeed_config, param_groups, resolve_backend
 
     cfg = LearnerConfig(zero_stage=3, lr=1e-4, weight_decay=0.1, grad_clip=0.5, micro_batch_size=4)
     ds = deepspeed_config(cfg)

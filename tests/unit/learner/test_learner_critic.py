@@ -360,7 +360,8 @@ def test_group_critic_on_two_zero3_ranks_matches_one_rank(tiny_checkpoint: Path,
             adv, returns = compute_advantages(
                 ALGO, batch.rewards, batch.loss_mask, values=values, truncated=batch.truncated
             )
-            metrics = group.train_step(batch.replace(advantages=adv, returns=returns), ALGO)
+            step = batch.replace(advantages=adv, returns=returns, old_logp=group.compute_logprobs(batch))
+            metrics = group.train(step, ALGO).metrics
             return {"values": values, "metrics": metrics, "critic": group.critic_weights(),
                     "policy": group.export_weights()}  # fmt: skip
 

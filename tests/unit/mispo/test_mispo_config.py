@@ -1,4 +1,4 @@
-"""AlgorithmConfig: defaults from docs/MISPO.md, strict parsing, readable errors."""
+"""AlgorithmConfig: defaults from docs/algorithm.md, strict parsing, readable errors."""
 
 import math
 

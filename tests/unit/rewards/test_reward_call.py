@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 
 from rlstack.data.prompts import rollout_prompt
-from rlstack.driver import score_rollouts
 from rlstack.model.tokenizer import build_tokenizer
-from rlstack.rewards import RewardCombiner, RewardSpec
+from rlstack.rewards import RewardGroup, RewardSpec
 from rlstack.rewards.config import RewardWorkersConfig
-from rlstack.rewards.group import RewardGroup
+from rlstack.rewards.scoring import score_rollouts
 from rlstack.types import Rollout
 
 CHAT = [
@@ -64,15 +63,9 @@ def spec(fn: Any, **kw: Any) -> RewardSpec:
     return RewardSpec(import_path=f"{__name__}:{fn.__name__}", **kw)
 
 
-@pytest.mark.parametrize("scorer", ["combiner", "group"])
-def test_plugins_get_what_trl_passes(scorer: str) -> None:
+def test_plugins_get_what_trl_passes() -> None:
     CALLS.clear()
-    specs = [spec(record)]
-    rewards = (
-        RewardCombiner(specs)
-        if scorer == "combiner"
-        else RewardGroup(specs, RewardWorkersConfig(num_workers=0))
-    )
+    rewards = RewardGroup(specs=[spec(record)], config=RewardWorkersConfig(num_workers=0))
     batch = rollouts(["so \\boxed{5}", "so \\boxed{7}"])
     assert score_rollouts(rewards, batch).total == [1.0, 1.0]
     (call,) = CALLS
@@ -86,18 +79,18 @@ def test_plugins_get_what_trl_passes(scorer: str) -> None:
 
 def test_builtin_rewards_take_plain_and_conversational_completions() -> None:
     specs = [RewardSpec(name="math"), RewardSpec(name="preference", options={"label_column": "gold"})]
-    combiner = RewardCombiner(specs)
+    group = RewardGroup.in_process(specs)
     batch = rollouts(["so \\boxed{5}", "so \\boxed{7}"])
-    out = score_rollouts(combiner, batch)
+    out = score_rollouts(group, batch)
     assert out.per_reward["math"] == [1.0, 0.0] and out.errors["math"] == 0
     assert out.per_reward["preference"] == [None, None]  # no gold column: does not apply
     chat = [[{"role": "assistant", "content": "[[B]]"}], "[[A]]"]
     ids = [[1, 2], [3]]
-    assert combiner(["q", CHAT], chat, completion_ids=ids, gold=["B", "B"]).per_reward["preference"] == [
+    assert group(["q", CHAT], chat, completion_ids=ids, gold=["B", "B"]).per_reward["preference"] == [
         1.0,
         0.0,
     ]
-    puzzle = RewardCombiner([RewardSpec(name="puzzle")])
+    puzzle = RewardGroup.in_process([RewardSpec(name="puzzle")])
     got = puzzle(
         [CHAT, CHAT],
         [
@@ -114,8 +107,8 @@ def test_builtin_rewards_take_plain_and_conversational_completions() -> None:
 def test_a_failed_sample_is_named_by_its_prompt_id(caplog: pytest.LogCaptureFixture) -> None:
     batch = rollouts(["so \\boxed{5}", "so \\boxed{7}"], step=3)
     for rewards in (
-        RewardCombiner([spec(fails_on_chat)]),
-        RewardGroup([spec(fails_on_chat)], RewardWorkersConfig(num_workers=0)),
+        RewardGroup.in_process([spec(fails_on_chat)]),
+        RewardGroup.in_process([spec(fails_on_chat)], RewardWorkersConfig(num_workers=2, cache_size=0)),
     ):
         caplog.clear()
         with caplog.at_level(logging.ERROR):

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field
 
-from rlstack.rewards import RewardCombiner, RewardError, RewardSpec
+from rlstack.rewards import RewardError, RewardGroup, RewardSpec
 from rlstack.rewards.config import RewardWorkersConfig
-from rlstack.rewards.group import RewardGroup
 from rlstack.rewards.registry import resolve, validate_specs
 
 FACTORY_CALLS: list[dict[str, Any]] = []
@@ -187,7 +186,7 @@ def test_factory_is_called_once_per_scoring_process_with_the_options() -> None:
         assert out.total == [0.0, -0.5]
     assert FACTORY_CALLS == [{"max_len": 2, "penalty": -0.5}]
     with pytest.raises(RewardError, match=r"the factory raised ValueError: level 7 is not supported"):
-        RewardCombiner([spec(refusing_factory, factory=True, options={"level": 7})])
+        RewardGroup.in_process([spec(refusing_factory, factory=True, options={"level": 7})])
 
 
 def test_unknown_names_and_bad_import_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

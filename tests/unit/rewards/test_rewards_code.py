@@ -14,7 +14,7 @@ import pytest
 
 import rlstack.rewards.code_verify as code_module
 from rlstack.envs.process import sandbox_processes
-from rlstack.rewards import RewardCombiner, RewardResult, RewardSpec, get_reward
+from rlstack.rewards import RewardGroup, RewardResult, RewardSpec, get_reward
 from rlstack.rewards.code_verify import CodeVerifier, code_reward, extract_code
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(20, 22) == 42"]
@@ -231,12 +231,12 @@ def test_bad_tests_column_is_named(tests: list[object], message: str) -> None:
         code_reward(["p"], ["def add(a, b):\n    return a + b"], tests=tests)
 
 
-def test_registered_with_options_through_the_combiner() -> None:
+def test_registered_with_options_through_the_group() -> None:
     assert get_reward("code") is code_reward
-    combiner = RewardCombiner([RewardSpec(name="code", options={"time_limit": 3.0, "concurrency": 2})])
+    group = RewardGroup.in_process([RewardSpec(name="code", options={"time_limit": 3.0, "concurrency": 2})])
     completions = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "x = 1"]
     tests = [ADD_TESTS, '["assert add(2, 2) == 4"]', 7]  # a JSON string works; the bad row is isolated
-    result = combiner(["p"] * 3, completions, tests=tests)
+    result = group(["p"] * 3, completions, tests=tests)
     assert result.per_reward["code"] == [1.0, 0.0, None]
     assert result.errors == {"code": 1}
     assert result.info is not None and result.info["code"][0]["passed"] == 3

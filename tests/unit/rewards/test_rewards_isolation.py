@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from rlstack.rewards.config import RewardSpec
-from rlstack.rewards.registry import RewardCombiner
+from rlstack.rewards.group import RewardGroup
 
 PROMPTS = ["p0", "p1", "p2"]
 COMPLETIONS = ["\\boxed{4}", "boom", "\\boxed{6}"]
@@ -24,9 +24,9 @@ def wrong_length(prompts, completions, **columns):
 
 
 def test_raising_plugin_isolates_to_the_failing_sample(caplog: pytest.LogCaptureFixture) -> None:
-    combiner = RewardCombiner([RewardSpec(import_path=f"{__name__}:raises_on_boom")])
+    group = RewardGroup.in_process([RewardSpec(import_path=f"{__name__}:raises_on_boom")])
     with caplog.at_level(logging.ERROR):
-        result = combiner(PROMPTS, COMPLETIONS)
+        result = group(PROMPTS, COMPLETIONS)
     label = f"{__name__}:raises_on_boom"
     assert result.per_reward[label] == [1.0, None, 1.0]
     assert result.total == [1.0, None, 1.0]
@@ -37,8 +37,8 @@ def test_raising_plugin_isolates_to_the_failing_sample(caplog: pytest.LogCapture
 def test_wrong_length_output_is_named_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
     specs = [RewardSpec(import_path=f"{__name__}:wrong_length"), RewardSpec(name="math")]
     with caplog.at_level(logging.ERROR):
-        result = RewardCombiner(specs)(PROMPTS, COMPLETIONS, answer=["4", "5", "7"])
+        result = RewardGroup.in_process(specs)(PROMPTS, COMPLETIONS, answer=["4", "5", "7"])
     # per sample, a one-element answer is the right length: the plugin recovers on every sample
     assert result.per_reward[f"{__name__}:wrong_length"] == [1.0, 1.0, 1.0]
     assert result.per_reward["math"] == [1.0, 0.0, 0.0]
-    assert f"reward '{__name__}:wrong_length' failed on a batch of 3" in caplog.text
+    assert f"reward '{__name__}:wrong_length' failed on a chunk of 3" in caplog.text

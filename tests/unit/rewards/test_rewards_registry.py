@@ -1,4 +1,4 @@
-"""Reward registry: names, duplicates, import paths, entry points, TRL functions, checks, async, combiner."""
+"""Reward registry: names, duplicates, import paths, entry points, TRL functions, checks, async, group."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 import rlstack.rewards.registry as registry_module
 from rlstack.rewards import (
-    RewardCombiner,
     RewardError,
+    RewardGroup,
     RewardSpec,
     call_reward,
     get_reward,
@@ -113,7 +113,9 @@ def test_entry_point_from_an_installed_package(tmp_path: Path, monkeypatch: pyte
     assert list_rewards()["politeness"] == "entry point acme_rewards: acme_rewards:has_please"
     fn = get_reward("politeness")
     assert call_reward(fn, ["p", "p"], ["please do", "do it"], name="politeness") == [1.0, 0.0]
-    assert RewardCombiner([RewardSpec(name="politeness", weight=0.5)])(["p"], ["please"]).total == [0.5]
+    assert RewardGroup.in_process([RewardSpec(name="politeness", weight=0.5)])(["p"], ["please"]).total == [
+        0.5
+    ]
 
 
 def test_entry_point_clash_and_broken_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,20 +195,22 @@ def test_reward_spec_validation() -> None:
         RewardSpec(name="math", wieght=2.0)  # type: ignore[call-arg]
 
 
-def test_combiner_weighted_sum_over_rewards_that_apply() -> None:
-    combiner = RewardCombiner([RewardSpec(name="math", weight=1.0), RewardSpec(name="puzzle", weight=0.5)])
+def test_group_weighted_sum_over_rewards_that_apply() -> None:
+    group = RewardGroup.in_process(
+        [RewardSpec(name="math", weight=1.0), RewardSpec(name="puzzle", weight=0.5)]
+    )
     completions = ["\\boxed{7}", "\\boxed{3+4}", "\\boxed{8}"]
     columns = {"answer": ["7", None, "7"], "numbers": [None, [3, 4], None], "target": [None, 7, None]}
-    out = combiner(["p"] * 3, completions, **columns)
+    out = group(["p"] * 3, completions, **columns)
     assert out.per_reward == {"math": [1.0, None, 0.0], "puzzle": [None, 1.0, None]}
     assert out.total == [1.0, 0.5, 0.0]
-    assert combiner(["p"], ["\\boxed{1}"]).total == [None]  # no column for either: nothing applies
+    assert group(["p"], ["\\boxed{1}"]).total == [None]  # no column for either: nothing applies
     with pytest.raises(RewardError, match="configured twice: math"):
-        RewardCombiner([RewardSpec(name="math"), RewardSpec(name="math", weight=2.0)])
+        RewardGroup.in_process([RewardSpec(name="math"), RewardSpec(name="math", weight=2.0)])
     with pytest.raises(RewardError, match="no rewards configured"):
-        RewardCombiner([])
+        RewardGroup.in_process([])
     with pytest.raises(RewardError, match="unknown reward 'nope'"):
-        RewardCombiner([RewardSpec(name="nope")])
+        RewardGroup.in_process([RewardSpec(name="nope")])
 
 
 def test_doctests() -> None:

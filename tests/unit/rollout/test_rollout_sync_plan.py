@@ -10,8 +10,8 @@ import torch
 
 from rlstack.model import Step3p5ForCausalLM, tiny
 from rlstack.rollout.config import RolloutConfig
-from rlstack.rollout.sync import make_backend
-from rlstack.rollout.sync.broadcast import (
+from rlstack.rollout.sync.broadcast import BroadcastBackend
+from rlstack.rollout.sync.collective import (
     broadcast,
     bucket_from_wire,
     bucket_to_wire,
@@ -21,7 +21,6 @@ from rlstack.rollout.sync.broadcast import (
     pack,
     unpack,
 )
-from rlstack.rollout.sync.nccl import BroadcastBackend
 from rlstack.rollout.sync.plan import (
     ChangeTracker,
     TensorMeta,
@@ -31,6 +30,7 @@ from rlstack.rollout.sync.plan import (
     tensor_digest,
     unit_of,
 )
+from rlstack.rollout.sync.push import make_backend
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ reaches the engines (`_send_bucket`). A push that fails part-way forgets the dig
 sends everything again (the engines may hold half of the failed push).
 
 Workers are `RolloutWorker` / `AsyncRolloutWorker` Ray actors: `begin_update`, `finish_update(version)`,
-`set_version(version)` and the backend's own bucket method.
+`set_version(version)` and the backend's own bucket method (rollout.sync.engine_rpc).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class WeightSyncBackend(ABC):
     name: ClassVar[str]
     align: ClassVar[bool] = False
     """Whether buckets need packed-buffer offsets (broadcast backends)."""
+    pushes_from_learner: ClassVar[bool] = False
+    """Whether `push` runs in the learner's rank-0 process (broadcast: it is rank 0 of the group), rather
+    than in the driver (rollout.sync.push)."""
 
     def __init__(
         self,

