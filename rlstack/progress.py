@@ -18,7 +18,7 @@ SHOWN = {
     "reward/mean": "reward",
     "reward/accuracy": "acc",
     "filter/combined_accept": "accept",
-    "batch/staleness_mean": "stale",
+    "staleness/mean": "stale",
     "time/step": "s/step",
 }
 

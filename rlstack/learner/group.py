@@ -146,7 +146,7 @@ class LearnerGroup:
         `learner.n_minibatches` 1 and a stateless filter, then computed per micro-batch): the result then
         carries pi_old (B, L), so the caller can compute the step's batch-level MIS filter afterwards.
         Needs `batch.advantages`, and `batch.returns` exactly when `learner.critic.enabled`. Metrics are
-        global, including batch counts and staleness."""
+        global, including batch counts."""
         check_train_batch(
             batch,
             algo_cfg,
@@ -158,16 +158,11 @@ class LearnerGroup:
         for minibatch in batch.split(self.cfg.n_minibatches):
             for r, shard in enumerate(_shards(minibatch, self.num_ranks)):
                 per_rank[r].append(shard)
-        versions_before = self._version
         results: list[TrainResult] = self._call("train", algo_cfg, old_logp_from_forward, shards=per_rank)
         metrics = dict(results[0].metrics)
         self._version = int(metrics["learner/version"])
-        staleness = (versions_before - batch.oldest_versions()).float()  # (B,)
-        metrics |= {
-            "batch/rows": float(len(batch)),
-            "batch/staleness_mean": float(staleness.mean()),
-            "batch/staleness_max": float(staleness.max()),
-        }
+        # staleness is measured (and bounded) once, by the driver's rule: rlstack.staleness
+        metrics["batch/rows"] = float(len(batch))
         if not old_logp_from_forward:
             return TrainResult(metrics)
         old_logp = torch.cat([r.old_logp for r in results if r.old_logp is not None])  # (B', L)

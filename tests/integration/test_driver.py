@@ -57,7 +57,7 @@ def test_async_with_zero_staleness_equals_sync(tmp_path: Path) -> None:
     async0 = run_steps(tiny_run(tmp_path / "async", trainer={"mode": "async", "max_staleness": 0}), tmp_path)
     assert any(m["actor/grad_norm"] > 0 for m in sync), "nothing was learned: the comparison would be vacuous"
     assert_same(sync, async0)
-    assert all(m["batch/staleness_max"] == 0 for m in async0)
+    assert all(m["staleness/max"] == 0 for m in async0)
 
 
 def test_old_logp_from_the_training_forward_equals_the_separate_pass(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_old_logp_from_the_training_forward_equals_the_separate_pass(tmp_path: P
 def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
     config = tiny_run(tmp_path / "async2", trainer={"mode": "async", "max_staleness": 2, "steps": 4})
     steps = run_steps(config, tmp_path)
-    staleness = [m["batch/staleness_max"] for m in steps]
+    staleness = [m["staleness/max"] for m in steps]
     assert max(staleness) <= 2 and max(staleness) > 0, staleness  # off-policy data was really used
 
 
