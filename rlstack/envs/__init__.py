@@ -1,14 +1,7 @@
 """Sandboxes for untrusted code (the `Sandbox` interface, a process backend; Docker and bubblewrap later)."""
 
-from rlstack.envs.sandbox import (
-    Files,
-    Limits,
-    RunResult,
-    Sandbox,
-    SandboxError,
-    get_sandbox,
-    register_backend,
-)
+from rlstack.envs.backends import get_sandbox, register_backend
+from rlstack.envs.sandbox import Files, Limits, RunResult, Sandbox, SandboxError
 
 __all__ = [
     "Files",

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rlstack.envs.sandbox import Files, Limits, RunResult, Sandbox, SandboxError, register_backend, truncate
+from rlstack.envs.sandbox import Files, Limits, RunResult, Sandbox, SandboxError, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -404,6 +404,3 @@ def sandbox_processes() -> list[int]:
         if _UID_BASE <= uid < _UID_BASE + _UID_SPAN or ours:
             found.append(int(entry))
     return found
-
-
-register_backend("process", ProcessSandbox)

@@ -1,10 +1,11 @@
 """The sandbox interface: run an untrusted command on some files under limits, get back a `RunResult`.
 
 A backend (`ProcessSandbox` now; Docker and bubblewrap later) implements `Sandbox.run`; callers pick one by
-name with `get_sandbox`, so a verifier never depends on how the isolation is done. A command is written
-as it would run inside the sandbox: `python3` means the sandbox's Python (for the process backend, an
-isolated interpreter that sees only the standard library).
+name with `get_sandbox` (`rlstack.envs.backends`), so a verifier never depends on how the isolation is
+done. A command is written as it would run inside the sandbox: `python3` means the sandbox's Python
+(for the process backend, an isolated interpreter that sees only the standard library).
 
+    >>> from rlstack.envs import get_sandbox
     >>> result = get_sandbox("process").run(["python3", "-c", "print(input()[::-1])"], stdin="olleh")
     >>> result.stdout, result.exit_code, result.timed_out
     ('hello\\n', 0, False)
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 Files = Mapping[str, str | bytes]
 
@@ -116,23 +116,3 @@ class Sandbox(ABC):
 
     def close(self) -> None:  # noqa: B027  (optional: most backends hold nothing)
         """Release what the backend holds (nothing for the process backend)."""
-
-
-_BACKENDS: dict[str, Callable[..., Sandbox]] = {}
-_PLANNED = {"docker": "a container per run", "bubblewrap": "bwrap namespaces and a read-only root"}
-
-
-def register_backend(name: str, factory: Callable[..., Sandbox]) -> None:
-    if name in _BACKENDS:
-        raise ValueError(f"sandbox backend '{name}' is already registered")
-    _BACKENDS[name] = factory
-
-
-def get_sandbox(name: str = "process", **options: Any) -> Sandbox:
-    """A sandbox backend by name ("process"), built with `options` (e.g. `python=` for "process")."""
-    if name not in _BACKENDS:
-        from rlstack.envs import process  # noqa: F401  (registers "process")
-    if name in _BACKENDS:
-        return _BACKENDS[name](**options)
-    planned = f" ('{name}' is planned: {_PLANNED[name]}, not implemented yet)" if name in _PLANNED else ""
-    raise ValueError(f"unknown sandbox backend '{name}'{planned}; available: {', '.join(sorted(_BACKENDS))}")
