@@ -14,4 +14,4 @@ test-slow: setup
 	.venv/bin/python -m pytest -m slow -v
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy rlstack

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,7 +152,7 @@ class RunConfig(StrictModel):
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = RunConfig
+    path: str | Path | None, overrides: Sequence[str] = (), schema: type[BaseModel] = RunConfig
 ) -> Any:
     """Read YAML (or start from defaults when `path` is None), apply `a.b=value` overrides, validate."""
     source = str(path) if path is not None else "<defaults>"

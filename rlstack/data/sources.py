@@ -69,7 +69,8 @@ def rows_from_records(
         )
     mapping = {f: columns.get(f, f) for f in ROW_FIELDS}
     task = Path(source).stem
-    rows, seen_columns = [], set()
+    rows: list[dict[str, Any]] = []
+    seen_columns: set[Any] = set()
     for number, record in records:
         at = f"{source}: {where} {number}"
         if not isinstance(record, Mapping):

@@ -77,7 +77,8 @@ class Isolation:
         return "net" in self.namespaces
 
 
-_probed: dict[tuple[str | None, bool], Isolation] = {}
+_probed: dict[tuple[str | None, bool, tuple[str, ...]], Isolation] = {}
+"""Probed set-ups by (python, running as root, namespaces allowed)."""
 _probe_lock = threading.Lock()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ class PolicyBatch:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    def replace(self, **fields: object) -> PolicyBatch:
+    def replace(self, **fields: Any) -> PolicyBatch:
         """A copy with some fields replaced (tensors are shared, not copied)."""
         return dataclasses.replace(self, **fields)
 
@@ -87,7 +88,7 @@ class PolicyBatch:
         """The batch restricted to `rows` (a slice, a list of indices or an index/bool tensor), same L."""
         if not isinstance(rows, slice | torch.Tensor):
             rows = torch.as_tensor(list(rows), dtype=torch.long)
-        out = {name: _index(getattr(self, name), rows) for name in _ALL_FIELDS}
+        out: dict[str, Any] = {name: _index(getattr(self, name), rows) for name in _ALL_FIELDS}
         return PolicyBatch(**out, filter=None if self.filter is None else self.filter.select(rows))
 
     def split(self, n: int) -> list[PolicyBatch]:
@@ -116,7 +117,7 @@ class PolicyBatch:
         if used >= self.seq_len:
             return self
         cols = slice(0, max(used, 1))
-        out = {name: _index_cols(getattr(self, name), cols) for name in _TOKEN_FIELDS}
+        out: dict[str, Any] = {name: _index_cols(getattr(self, name), cols) for name in _TOKEN_FIELDS}
         out |= {name: getattr(self, name) for name in _SEQ_FIELDS}
         flt = None
         if self.filter is not None:
@@ -138,7 +139,7 @@ class PolicyBatch:
             raise ValueError(
                 f"PolicyBatch.cat: sequence lengths differ {sorted(lengths)}; pad to one L first"
             )
-        out = {name: _cat([getattr(b, name) for b in batches], name) for name in _ALL_FIELDS}
+        out: dict[str, Any] = {name: _cat([getattr(b, name) for b in batches], name) for name in _ALL_FIELDS}
         filters = [b.filter for b in batches]
         flt = None
         if any(f is not None for f in filters):
@@ -146,13 +147,11 @@ class PolicyBatch:
                 raise ValueError("PolicyBatch.cat: some batches carry a filter result and some do not")
             first = filters[0]
             assert first is not None
-            flt = dataclasses.replace(
-                first,
-                **{
-                    name: torch.cat([getattr(f, name) for f in filters])
-                    for name in ("token_mask", "traj_mask", "combined", "log_ratio", "log_rho")
-                },
-            )
+            masks: dict[str, Any] = {
+                name: torch.cat([getattr(f, name) for f in filters])
+                for name in ("token_mask", "traj_mask", "combined", "log_ratio", "log_rho")
+            }
+            flt = dataclasses.replace(first, **masks)
         return PolicyBatch(**out, filter=flt)
 
     def inert_copy(self) -> PolicyBatch:
@@ -178,7 +177,7 @@ def _cat(tensors: list[torch.Tensor | None], name: str) -> torch.Tensor | None:
         return None
     if not all(present):
         raise ValueError(f"PolicyBatch.cat: field {name} is set in some batches and None in others")
-    return torch.cat(tensors)  # type: ignore[arg-type]
+    return torch.cat([t for t in tensors if t is not None])
 
 
 def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:

@@ -12,6 +12,7 @@ global normaliser and rank scaling as `step.accumulate_minibatch` (see step.py),
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.step import GradSink, MetricSums, Reducer, _to, global_normalizer, padded_micro_batches
 from rlstack.mispo import critic_loss
 from rlstack.mispo.config import LossNorm
+
+if TYPE_CHECKING:
+    from rlstack.model.modeling import Step3p5Model
 
 # Already divided by the global normaliser: they add up over micro-batches and ranks.
 CRITIC_SUMMED = ("critic/loss",)
@@ -30,7 +34,7 @@ _MOMENTS = ("critic/_ret", "critic/_ret2", "critic/_err", "critic/_err2")
 class ValueModel(nn.Module):
     """A Step3p5 trunk (`Step3p5Model`, no LM head) and a linear value head: (B, T) ids -> (B, T) values."""
 
-    def __init__(self, trunk: nn.Module, head_seed: int = 0) -> None:
+    def __init__(self, trunk: Step3p5Model, head_seed: int = 0) -> None:
         super().__init__()
         self.model = trunk
         hidden = int(trunk.config.hidden_size)

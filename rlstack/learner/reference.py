@@ -28,7 +28,9 @@ def frozen_reference(path: Path, cfg: LearnerConfig, device: torch.device, dtype
     model = Step3p5ForCausalLM.from_pretrained(path, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
-    model = model.to(device)
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which types it as the unbound
+    # nn.Module.to (a module first); the call is the ordinary bound one.
+    model = model.to(device)  # type: ignore[arg-type]
     if cfg.zero_stage != 3:
         return model
     # the MoE block indexes its packed expert weights directly: ZeRO-3 gathers it whole (as the policy's)

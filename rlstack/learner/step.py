@@ -68,7 +68,7 @@ class DistReducer:
         self.world_size = dist.get_world_size()
         self.device = device
 
-    def _reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    def _reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
         moved = t.to(self.device)
         dist.all_reduce(moved, op=op)
         t.copy_(moved.cpu())
@@ -235,10 +235,13 @@ def accumulate_minibatch(
             mb = mb.replace(ref_logp=ref)
         scores = score_tokens(model, mb.input_ids, mb.attention_mask, transform=transform)
         if from_forward:
-            mb = mb.replace(old_logp=torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0))
+            old_logp = torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0)
+            mb = mb.replace(old_logp=old_logp)
             if old_logp_out is not None and i < n_real:
-                old = mb.old_logp.float().cpu()  # (b, l)
+                old = old_logp.float().cpu()  # (b, l)
                 old_logp_out.append(torch.nn.functional.pad(old, (0, shard.seq_len - old.shape[1])))
+        # check_trainable: advantages are set, and old_logp is (from the batch, or from the forward above)
+        assert mb.old_logp is not None and mb.advantages is not None
         loss, metrics = compute_policy_loss(
             algo_cfg,
             scores.logp,

@@ -112,7 +112,11 @@ def optimize(
         engine.step()
         frozen += freeze
         norm = engine.get_global_grad_norm()
-        grad_norms.append(float(norm if norm is not None else pre_norm))
+        if norm is None:
+            if pre_norm is None:
+                raise RuntimeError(f"DeepSpeed recorded no gradient norm (ZeRO stage {cfg.zero_stage})")
+            norm = pre_norm
+        grad_norms.append(float(norm))
         total.merge(stats)
     metrics = total.all_reduce(reducer).result()
     for k in summed:  # mean of the mini-batch losses

@@ -94,7 +94,9 @@ class Step3p5Config(PretrainedConfig):
         self.swiglu_limits = swiglu_limits
         self.swiglu_limits_shared = swiglu_limits_shared
         self.initializer_range = initializer_range
-        super().__init__(
+        # PreTrainedConfig's static signature (a dataclass_transform) lists its own fields only; at run time
+        # its __init__ takes and sets any keyword (wrap_init_to_accept_kwargs).
+        super().__init__(  # type: ignore[call-arg]
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

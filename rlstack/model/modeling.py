@@ -152,6 +152,8 @@ class PackedExpertWeight(nn.Module):
 class Step3p5MoE(nn.Module):
     """Routed experts (packed weights in vLLM's checkpoint layout) and their router with selection bias."""
 
+    router_bias: torch.Tensor  # (E,) a buffer (register_buffer below)
+
     def __init__(self, config: Step3p5Config) -> None:
         super().__init__()
         E, H, inner = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
@@ -237,6 +239,7 @@ class Step3p5BaseOutput(NamedTuple):
 
 
 class Step3p5PreTrainedModel(PreTrainedModel):
+    config: Step3p5Config  # always ours: __init__ converts vLLM's config class
     config_class = Step3p5Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
@@ -330,7 +333,11 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        out = Step3p5Output(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        out = Step3p5Output(
+            loss=loss,  # type: ignore[arg-type]  # transformers annotates it torch.FloatTensor; any float Tensor
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+        )
         if output_router_stats and stats:
             B, T = input_ids.shape
             out.routing_confidence = torch.stack([s.confidence for s in stats]).mean(0).view(B, T)

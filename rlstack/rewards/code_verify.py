@@ -188,7 +188,7 @@ class CodeVerifier:
         parsed = tests if isinstance(tests, Tests) else parse_tests(tests)
         if parsed is None:
             raise ValueError("code: no tests to run")
-        messages = [
+        messages: list[dict[str, Any]] = [
             {
                 "mode": parsed.mode,
                 "n": len(parsed),
@@ -234,6 +234,7 @@ class CodeVerifier:
             status = "missing" if report is None else report["status"]
             error = None if report is None else report.get("error")
             if status == "ran":
+                assert report is not None  # the status came from the report
                 expected = tests.items[i][1]
                 status = "pass" if report["digest"] == output_digest(expected) else "wrong"
                 if status == "wrong":
@@ -271,11 +272,11 @@ class CodeVerifier:
             got = f"{len(tests)} rows" if isinstance(tests, Sequence) else type(tests).__name__
             raise ValueError(f"code: column 'tests' must have one entry per completion ({n}), got {got}")
         parsed = [parse_tests(cell, f"code: column 'tests', row {i}") for i, cell in enumerate(tests)]
-        todo = [i for i, t in enumerate(parsed) if t is not None]
-        results = self.verify_many([(extract_code(completion_text(completions[i])), parsed[i]) for i in todo])
+        todo = [(i, t) for i, t in enumerate(parsed) if t is not None]
+        results = self.verify_many([(extract_code(completion_text(completions[i])), t) for i, t in todo])
         scores: list[float | None] = [None] * n
         info: list[dict[str, Any] | None] = [None] * n
-        for i, result in zip(todo, results, strict=True):
+        for (i, _), result in zip(todo, results, strict=True):
             scores[i], info[i] = result.score, result.info()
         return RewardResult(scores, info)
 

@@ -177,8 +177,8 @@ class RewardScorer:
             logger.error(
                 "reward '%s' timed out (> %.3g s) on a chunk of %d; retrying per sample", label, limit, n
             )
-        except Exception as error:  # a user plugin: any exception is the plugin's, not ours
-            logger.error("reward '%s' failed on a chunk of %d (%s); retrying per sample", label, n, error)
+        except Exception as e:  # a user plugin: any exception is the plugin's, not ours
+            logger.error("reward '%s' failed on a chunk of %d (%s); retrying per sample", label, n, e)
         # Per sample, all at once: a plugin that hangs on every sample costs one deadline, not n.
         boxes = [
             self._start(
@@ -328,7 +328,7 @@ class RewardGroup:
         chunks: list[tuple[int, list[int]]] = []
         open_chunk: dict[int, list[int]] = {}
         for key, ids in groups.items():
-            w = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest()) % workers
+            w = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % workers
             current = open_chunk.get(w)
             if current is not None and len(current) + len(ids) > self.config.chunk_size:
                 chunks.append((w, current))

@@ -107,7 +107,7 @@ def plain_equal(gold: Plain, pred: Plain, rel_tol: float = REL_TOL) -> bool:
     approx = gold.decimal or pred.decimal
     for g in _candidates(gold):
         for p in _candidates(pred):
-            if p == g or (approx and abs(p - g) <= rel_tol * max(1, abs(g))):
+            if p == g or (approx and abs(p - g) <= rel_tol * max(Fraction(1), abs(g))):
                 return True
     return False
 

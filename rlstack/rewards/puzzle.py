@@ -40,6 +40,7 @@ def _literals(node: ast.expr) -> list[int]:
 
 def _evaluate(node: ast.expr) -> int:
     if isinstance(node, ast.Constant):
+        assert type(node.value) is int  # checked by _literals
         return node.value
     assert isinstance(node, ast.BinOp)
     return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))

@@ -51,8 +51,24 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "rlstack.rewards"
 RewardOutput = list[float | None]
+"""A reward's scores once checked (`check_output`): one float or None per completion."""
 Info = list[dict[str, Any] | None]
-RewardFn = Callable[..., RewardOutput | Awaitable[RewardOutput]]
+
+
+@dataclass
+class RewardResult:
+    """What a plugin may return instead of a bare list: the scores plus per-sample details for the report."""
+
+    scores: RewardOutput
+    info: list[dict[str, Any] | None]
+    """One JSON-serialisable dict (or None) per completion, e.g. {"error": "SyntaxError: ..."}."""
+
+
+RewardReturn = Sequence[float | None] | RewardResult
+"""What a plugin may return: one float (or None) per completion, or a `RewardResult` (`check_output`)."""
+RewardFn = Callable[..., RewardReturn | Awaitable[RewardReturn]]
+"""A reward plugin, sync or `async def`, called by keyword (see the module docstring)."""
+PluginFn = TypeVar("PluginFn", bound=RewardFn)
 Options = TypeVar("Options", bound=BaseModel)
 
 CALL_ARGS = ("prompts", "completions", "completion_ids")
@@ -75,11 +91,12 @@ class RewardError(ValueError):
     """A reward plugin is unknown, cannot be imported, or returned something unusable; names the plugin."""
 
 
-def register(name: str, options: type[BaseModel] | None = None) -> Callable[[RewardFn], RewardFn]:
+def register(name: str, options: type[BaseModel] | None = None) -> Callable[[PluginFn], PluginFn]:
     """Decorator: register `fn` as reward `name`; a name can be registered once. `options`: the pydantic
-    model of the options it takes (stored as `fn.options_model`), which a config's options must pass."""
+    model of the options it takes (stored as `fn.options_model`), which a config's options must pass.
+    Returns `fn` itself (its signature intact, for direct calls)."""
 
-    def decorator(fn: RewardFn) -> RewardFn:
+    def decorator(fn: PluginFn) -> PluginFn:
         if name in _REWARDS:
             existing = _REWARDS[name]
             raise RewardError(
@@ -267,10 +284,10 @@ def resolve(spec: RewardSpec) -> RewardFn:
     fn, options = check_spec(spec)
     if spec.factory:
         try:
-            reward = fn(**options)
+            made: Any = fn(**options)  # `fn` is the factory here: it returns the reward
         except Exception as e:  # the user's factory refusing its options: any error is theirs
             raise RewardError(f"reward '{spec.label}': the factory raised {_one_line(e)}") from e
-        reward = _check_callable(reward, f"reward '{spec.label}': what the factory returned")
+        reward = _check_callable(made, f"reward '{spec.label}': what the factory returned")
         check_call_signature(reward, spec.label, factory=True)
         return reward
     if options:
@@ -377,15 +394,6 @@ async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
-@dataclass
-class RewardResult:
-    """What a plugin may return instead of a bare list: the scores plus per-sample details for the report."""
-
-    scores: RewardOutput
-    info: list[dict[str, Any] | None]
-    """One JSON-serialisable dict (or None) per completion, e.g. {"error": "SyntaxError: ..."}."""
-
-
 def check_output(out: Any, n: int, name: str) -> RewardOutput:
     """A reward's output as a list of n floats/None, or a RewardError naming the plugin and the problem."""
     if isinstance(out, RewardResult):
@@ -429,7 +437,7 @@ def call_reward(
     **columns: Any,
 ) -> RewardOutput:
     """Call a sync or async reward on a batch and check its output (length, types, finiteness)."""
-    label = name or getattr(fn, "__name__", repr(fn))
+    label: str = name if name else getattr(fn, "__name__", repr(fn))
     if len(prompts) != len(completions):
         raise ValueError(f"reward '{label}': {len(prompts)} prompts but {len(completions)} completions")
     return check_output(_invoke(fn, prompts, completions, columns), len(completions), label)
@@ -506,6 +514,6 @@ def combine(per_reward: Mapping[str, RewardOutput], weights: Mapping[str, float]
     n = len(outputs[0][1]) if outputs else 0
     total: RewardOutput = []
     for i in range(n):
-        applied = [weights[label] * out[i] for label, out in outputs if out[i] is not None]  # type: ignore[operator]
+        applied = [weights[label] * value for label, out in outputs if (value := out[i]) is not None]
         total.append(sum(applied) if applied else None)
     return total

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -44,13 +45,15 @@ class RolloutGroup:
         gpus = config.gpus_per_worker
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-        resources = {"num_cpus": config.cpus_per_worker, "num_gpus": gpus}
+        remote = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus)
+        # Any: Ray's stubs give an actor handle's methods no `.remote`, so the handles are used untyped.
+        actor: Any
         if config.engine == "async":
             from rlstack.rollout.async_worker import AsyncRolloutWorker
 
-            actor = ray.remote(**resources)(AsyncRolloutWorker)
+            actor = remote(AsyncRolloutWorker)
         else:
-            actor = ray.remote(**resources)(RolloutWorker)
+            actor = remote(RolloutWorker)
         self.config = config
         self.workers = [actor.remote(str(model_path), config, version) for _ in range(config.num_workers)]
         ray.get([w.get_version.remote() for w in self.workers])  # surface start-up errors here

@@ -75,6 +75,8 @@ def check_logprob_parity(
     start = time.perf_counter()
     for out in outputs:
         completion = out.outputs[0]
+        if completion.logprobs is None or out.prompt_token_ids is None:
+            raise RuntimeError("vLLM returned a completion without log-probs or prompt token ids")
         response = list(completion.token_ids)
         # logprobs=0 returns exactly the sampled token's log-prob at each step.
         vllm_lp = torch.tensor([next(iter(step.values())).logprob for step in completion.logprobs])

@@ -19,7 +19,7 @@ from typing import Any
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 from rlstack.rollout.sync.engine_rpc import EngineRPC
-from rlstack.types import Rollout
+from rlstack.types import FinishReason, Rollout
 
 
 @dataclass
@@ -142,5 +142,8 @@ def prompt_ids(prompt: Prompt, tokenizer: Any) -> list[int]:
     return tokenizer.encode(prompt.text, add_special_tokens=False)
 
 
-def _finish_reason(reason: str | None) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason or "", "abort")
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    return _FINISH_REASONS.get(reason or "", "abort")

@@ -17,7 +17,12 @@ from rlstack.config import load_config
 from rlstack.driver import Submitted, Trainer
 from rlstack.mispo import AlgorithmConfig
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.deepspeed]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.vllm,
+    pytest.mark.deepspeed,
+    pytest.mark.usefixtures("trainer_ray"),  # one Ray session for both runs
+]
 
 STEPS = 2
 

@@ -52,20 +52,31 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
             assert x[key] == pytest.approx(y[key], abs=1e-6), f"step {step}: {key} {x[key]} != {y[key]}"
 
 
-def test_async_with_zero_staleness_equals_sync(tmp_path: Path) -> None:
-    sync = run_steps(tiny_run(tmp_path / "sync", trainer={"mode": "sync"}), tmp_path)
+@pytest.fixture(scope="module")
+def sync_run(trainer_ray: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """The baseline 5-step sync run (pi_old from the training forward, the default): its run directory and
+    per-step metrics, shared by the tests that compare another mode against it."""
+    tmp_path = tmp_path_factory.mktemp("sync_run")
+    return tmp_path / "sync", run_steps(tiny_run(tmp_path / "sync", trainer={"mode": "sync"}), tmp_path)
+
+
+@pytest.mark.usefixtures("trainer_ray")
+def test_async_with_zero_staleness_equals_sync(sync_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    _, sync = sync_run
     async0 = run_steps(tiny_run(tmp_path / "async", trainer={"mode": "async", "max_staleness": 0}), tmp_path)
     assert any(m["actor/grad_norm"] > 0 for m in sync), "nothing was learned: the comparison would be vacuous"
     assert_same(sync, async0)
     assert all(m["staleness/max"] == 0 for m in async0)
 
 
-def test_old_logp_from_the_training_forward_equals_the_separate_pass(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("trainer_ray")
+def test_old_logp_from_the_training_forward_equals_the_separate_pass(
+    sync_run: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
     """learner.fuse_old_logp (the default) skips the pi_old forward; the run is the same as with it."""
-    base = {"steps": 3, "mode": "sync"}
-    fused = run_steps(tiny_run(tmp_path / "fused", trainer=base), tmp_path)
+    fused_dir, fused = sync_run
     separate = run_steps(
-        tiny_run(tmp_path / "separate", trainer=base, learner={"fuse_old_logp": False}), tmp_path
+        tiny_run(tmp_path / "separate", trainer={"mode": "sync"}, learner={"fuse_old_logp": False}), tmp_path
     )
     assert all("time/old_logprobs" not in m for m in fused)
     assert all(m["time/old_logprobs"] > 0 for m in separate)
@@ -73,10 +84,11 @@ def test_old_logp_from_the_training_forward_equals_the_separate_pass(tmp_path: P
     for step, (x, y) in enumerate(zip(fused, separate, strict=True), start=1):
         for key in (*COMPARED, "filter/log_ratio_p50", "filter/log_ratio_p95", "filter/combined_accept"):
             assert x[key] == pytest.approx(y[key], abs=1e-5), f"step {step}: {key} {x[key]} != {y[key]}"
-    records = (tmp_path / "fused" / "samples" / "rollouts.jsonl").read_text().splitlines()
-    assert len(records) == 3 * 16 and all("traj_accepted" in json.loads(r) for r in records)
+    records = (fused_dir / "samples" / "rollouts.jsonl").read_text().splitlines()
+    assert len(records) == 5 * 16 and all("traj_accepted" in json.loads(r) for r in records)
 
 
+@pytest.mark.usefixtures("trainer_ray")
 def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
     config = tiny_run(tmp_path / "async2", trainer={"mode": "async", "max_staleness": 2, "steps": 4})
     steps = run_steps(config, tmp_path)
@@ -133,6 +145,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) ->
         assert again[s]["filter/log_ratio_p50"] == pytest.approx(whole[s]["filter/log_ratio_p50"], abs=1e-6)
 
 
+@pytest.mark.usefixtures("trainer_ray")
 def test_misbehaving_reward_plugins_cost_only_their_samples(tmp_path: Path) -> None:
     """A plugin that raises, one that sleeps past the time limit and one that returns the wrong length:
     each is logged per sample (samples/ keeps the error under the plugin's name), and training goes on."""
@@ -164,6 +177,7 @@ def test_misbehaving_reward_plugins_cost_only_their_samples(tmp_path: Path) -> N
     )
 
 
+@pytest.mark.usefixtures("trainer_ray")
 def test_actor_critic_run_trains_the_critic_beside_the_policy(tmp_path: Path) -> None:
     config = tiny_run(
         tmp_path / "critic",

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def submit_job(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """`ray job submit`, again while the head says its job agent has not registered yet (Ray asks the client
+    to "try again later"; under load the agent can come up seconds after `ray start` returns)."""
+    deadline = time.monotonic() + 120
+    while True:
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(2)
 
 
 def test_ray_job_submit_trains_and_writes_a_vllm_loadable_checkpoint(tmp_path: Path) -> None:
@@ -66,11 +78,11 @@ def test_ray_job_submit_trains_and_writes_a_vllm_loadable_checkpoint(tmp_path: P
         submit += [str(config), "--no-progress"]
 
         unauthenticated = os.environ | {"RAY_AUTH_MODE": "disabled"}
-        refused = subprocess.run(submit, env=unauthenticated, capture_output=True, text=True, timeout=120)
+        refused = submit_job(submit, unauthenticated, timeout=120)
         assert refused.returncode != 0, "a submit without the cluster's token was accepted"
         assert not run_dir.exists()
 
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+        job = submit_job(submit, env, timeout=420)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         job_id = re.search(r"raysubmit_\w+", job.stdout + job.stderr).group(0)
         status = subprocess.run(

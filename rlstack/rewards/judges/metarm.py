@@ -104,7 +104,7 @@ class MetaRMOptions(JudgeOptions):
     def _base_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         base = info.data.get("base")
         model = options_model(get_reward(base)) if base is not None else None
-        if model is not None:
+        if base is not None and model is not None:
             parse_options(model, options, base)
         return options
 

@@ -61,6 +61,8 @@ _PREF_PHRASE = re.compile(
     r"(?i:better|preferred|correct|right|more\s+(?:correct|accurate|helpful))\b"
 )
 _PREF_LAST_LINE = re.compile(r"^\W*([AB])\W*$")
+# What the preference patterns above can capture (upper-cased) -> the verdict.
+_PREFERENCES: dict[str, Preference] = {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}
 
 _SOUND_BRACKET = re.compile(r"\[\[\s*(SOUND|UNSOUND|YES|NO|VALID|INVALID)\s*\]\]", re.IGNORECASE)
 _SOUND_LABELLED = re.compile(r"\b(?:sound|valid)\s*[:=]\s*(yes|no|true|false)\b", re.IGNORECASE)
@@ -125,21 +127,20 @@ def parse_preference(text: object, strict: bool = False) -> Preference | None:
     """
     tail = _tail(text)
     matches = list(_PREF_BRACKET.finditer(tail))
-    choices = {"tie" if m.group(1).upper() in ("C", "TIE") else m.group(1).upper() for m in matches}
+    choices = {_PREFERENCES[m.group(1).upper()] for m in matches}
     if strict:
-        return choices.pop() if len(choices) == 1 else None  # type: ignore[return-value]
+        return choices.pop() if len(choices) == 1 else None
     if matches:
-        choice = matches[-1].group(1).upper()
-        return "tie" if choice in ("C", "TIE") else choice  # type: ignore[return-value]
+        return _PREFERENCES[matches[-1].group(1).upper()]
     for pattern in (_PREF_LABELLED, _PREF_PHRASE):
         found = list(pattern.finditer(tail))
         if found:
-            return next(g for g in found[-1].groups() if g)  # type: ignore[return-value]
+            return _PREFERENCES[next(g for g in found[-1].groups() if g)]
     lines = [line for line in tail.strip().splitlines() if line.strip()]
     if lines:
         m = _PREF_LAST_LINE.match(lines[-1])
         if m:
-            return m.group(1)  # type: ignore[return-value]
+            return _PREFERENCES[m.group(1)]
     return None
 
 

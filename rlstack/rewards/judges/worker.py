@@ -22,12 +22,15 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field
 
 from rlstack.config_base import StrictModel
 from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE, check_judge_model, resolve_judge_model
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class JudgeWorker:
         torch.set_num_threads(settings.threads or max(1, math.floor(settings.num_cpus)))
         self.settings = settings
         self.model_path = resolve_judge_model(settings.model)  # converts the default judge once (cached)
-        self.llm = make_llm(
+        self.llm: LLM | None = make_llm(
             self.model_path,
             EngineSettings(
                 max_model_len=settings.max_model_len,
@@ -157,7 +160,14 @@ class JudgeWorker:
         outputs: list[JudgeOutput | None] = [None] * len(conversations)
         todo: list[tuple[int, str, list[int], bool]] = []
         for i, messages in enumerate(conversations):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # vLLM types `messages` as a list of its OpenAI message-param union: a list of plain dicts is not
+            # one (lists are invariant), though it is what the method takes.
+            text = self.tokenizer.apply_chat_template(
+                messages,  # type: ignore[arg-type]
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            assert isinstance(text, str)  # tokenize=False: the text, not token ids
             key = json.dumps([text, draws, max_tokens, temperature])
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -183,6 +193,8 @@ class JudgeWorker:
                 for _, key, _, _ in todo
             ]
             prompts = [TokensPrompt(prompt_token_ids=ids) for _, _, ids, _ in todo]
+            if self.llm is None:
+                raise RuntimeError("judge generate after shutdown(): the engine is closed")
             results = self.llm.generate(prompts, params, use_tqdm=False)
             for (i, key, _, truncated), result in zip(todo, results, strict=True):
                 texts = [c.text for c in result.outputs]
@@ -201,10 +213,11 @@ class JudgeWorker:
 
     def shutdown(self) -> None:
         """Close the engine inside the actor (frees its memory and any temp files) before the actor dies."""
-        if getattr(self, "llm", None) is not None:
+        llm = getattr(self, "llm", None)  # None also when __init__ failed before the engine started
+        if llm is not None:
             from rlstack.rollout.engine import close_llm
 
-            close_llm(self.llm)
+            close_llm(llm)
             self.llm = None
 
 

@@ -64,11 +64,13 @@ def join_group(
     if isinstance(store_or_host, str):
         store = dist.TCPStore(store_or_host, port, world_size, is_master=False, timeout=_timeout(timeout_s))
     store = dist.PrefixStore(_PREFIX, store)  # type: ignore[arg-type]
+    # The returns are c10d Backends, which have ProcessGroup's broadcast(tensor, root) and shutdown() at run
+    # time; torch's stubs declare neither on Backend, hence the two ignores.
     if transport == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, _timeout(timeout_s))
+        return dist.ProcessGroupGloo(store, rank, world_size, _timeout(timeout_s))  # type: ignore[return-value]
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = _timeout(timeout_s)
-    return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    return dist.ProcessGroupNCCL(store, rank, world_size, options)  # type: ignore[return-value]
 
 
 def broadcast(group: dist.ProcessGroup, buffer: torch.Tensor) -> None:

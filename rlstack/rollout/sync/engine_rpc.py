@@ -6,7 +6,8 @@ one `WorkerExtension` method (rollout.sync.worker_extension) on every vLLM worke
 The table `_FORWARDS` is the single list; `EngineRPC` and `AsyncEngineRPC` are built from it (Ray runs
 an actor's coroutine methods concurrently only if they are `async def`, so each flavour needs its own
 functions). What a worker adds around them (the weights version, the async worker's generation gate) stays
-in the worker: it calls `_finish_reload` and, for the async worker, `super().begin_update()`.
+in the worker: it calls `_finish_reload` and, for the async worker, `super().begin_update()`. A new entry
+of `_FORWARDS` is also declared (typed) in both classes' `TYPE_CHECKING` blocks, for type checkers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 def _first(results: list[Any]) -> Any:
@@ -92,6 +93,19 @@ class EngineRPC:
     llm: Any
     version: int
 
+    if TYPE_CHECKING:  # set from `_FORWARDS` below; declared here for type checkers
+
+        def begin_update(self) -> None: ...
+        def load_bucket(self, payload: bytes) -> int: ...
+        def receive_bucket(self, wire_bucket: list[list[Any]]) -> int: ...
+        def _finish_reload(self) -> int: ...
+        def engine_world_size(self) -> int: ...
+        def join_group(
+            self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
+        ) -> list[int]: ...
+        def leave_group(self) -> None: ...
+        def parameters_bytes(self) -> bytes: ...
+
     def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
         """Load one safetensors payload in place in a single call and take on `version`."""
         start = time.perf_counter()
@@ -109,6 +123,19 @@ class AsyncEngineRPC:
     """Mixin of `AsyncRolloutWorker` (`self.llm`: an `AsyncLLM`): the `_FORWARDS` methods, as coroutines."""
 
     llm: Any
+
+    if TYPE_CHECKING:  # set from `_FORWARDS` below; declared here for type checkers
+
+        async def begin_update(self) -> None: ...
+        async def load_bucket(self, payload: bytes) -> int: ...
+        async def receive_bucket(self, wire_bucket: list[list[Any]]) -> int: ...
+        async def _finish_reload(self) -> int: ...
+        async def engine_world_size(self) -> int: ...
+        async def join_group(
+            self, host: str, port: int, rank_offset: int, world_size: int, transport: str, timeout_s: float
+        ) -> list[int]: ...
+        async def leave_group(self) -> None: ...
+        async def parameters_bytes(self) -> bytes: ...
 
 
 for _name, _forward in _FORWARDS.items():

@@ -115,7 +115,8 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     t = tensor.detach()
     if t.device.type != "cpu":
         return header + _device_digest(t)
-    data = t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    # ndarray.data: the array's buffer as a memoryview (numpy's stubs declare ndarray a Buffer only on 3.12+)
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
     return header + xxhash.xxh3_128_digest(memoryview(data))
 
 

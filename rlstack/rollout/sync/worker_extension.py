@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -40,6 +41,10 @@ _RELOADED = "_rlstack_reloaded"
 
 class WorkerExtension:
     """Mixed into vLLM's worker class; every method is called through `collective_rpc`."""
+
+    _rlstack_group: dist.ProcessGroup | None
+    """The broadcast group this worker joined (`rlstack_join_group`), None after it left."""
+    _rlstack_transport: str
 
     def rlstack_begin_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -160,7 +165,7 @@ def _mark_reloaded_moe_layers(model: torch.nn.Module) -> None:
     reloads) so that it also marks the layer for re-prepacking. Idempotent."""
     for module in model.modules():
         method = getattr(module, "quant_method", None)
-        if _cpu_moe_experts(module) is None or getattr(method, "_rlstack_marks", False):
+        if method is None or _cpu_moe_experts(module) is None or getattr(method, "_rlstack_marks", False):
             continue
         original = method.process_weights_after_loading
 
