@@ -39,6 +39,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 assert '$extra' == 'gpu' or not torch.version.cuda, 'a CUDA build of torch got installed on a CPU machine'" 2>&1); then
     echo "$out" | tail -n 20; echo "setup: the installed packages do not import (see above)"; exit 1
   fi
+  if [ "$extra" = cpu ]; then
+    # DeepSpeed JIT-builds its CPU shared-memory collective on a learner's first start (about 60 s):
+    # build it now, as part of the install, into this venv's TORCH_EXTENSIONS_DIR (scripts/env.sh).
+    (source scripts/env.sh && .venv/bin/python -c "from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1) \
+      || { echo "setup: DeepSpeed's shm_comm op does not build (a C++ compiler is needed: apt install g++)"; exit 1; }
+  fi
   echo "$want" > "$stamp"
   echo "rlstack installed into .venv in $(( $(date +%s) - start )) s"
 else
