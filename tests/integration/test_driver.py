@@ -106,29 +106,40 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) ->
     config_path.write_text(yaml.safe_dump(config))
     env = os.environ | {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONPATH": str(Path(__file__).parent)}
     cli = [sys.executable, "-m", "rlstack.cli"]
-    subprocess.run(
-        [*cli, "train", str(config_path), "--no-progress"], check=True, env=env, capture_output=True
-    )
+    # The uninterrupted run and the one to kill run at once (each its own Ray): they overlap their waits.
+    with (tmp_path / "whole.log").open("w") as whole_log:
+        whole_run = subprocess.Popen(
+            [*cli, "train", str(config_path), "--no-progress"],
+            env=env,
+            start_new_session=True,
+            stdout=whole_log,
+            stderr=whole_log,
+        )
+    killed_dir = tmp_path / "killed"
+    try:
+        proc = subprocess.Popen(
+            [*cli, "train", str(config_path), f"trainer.run_dir={killed_dir}", "--no-progress"],
+            env=env,
+            start_new_session=True,  # its own process group: the kill takes Ray's processes with it
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 300
+        while not (killed_dir / "checkpoints" / "latest").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before step 3 was saved"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert whole_run.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        if whole_run.poll() is None:  # an assertion failed above: the run must not outlive the test
+            os.killpg(whole_run.pid, signal.SIGKILL)
+            whole_run.wait()
+    assert (killed_dir / "checkpoints" / "latest").read_text() == "step_3"
     whole = {r["step"]: r for r in read_metrics(tmp_path / "whole") if "actor/loss" in r}
     # the step-6 evaluation is also the final one: made (and logged) once
     evals = [r["step"] for r in read_metrics(tmp_path / "whole") if "eval/greedy_accuracy" in r]
     assert evals == [0, 3, 6]
-
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*cli, "train", str(config_path), f"trainer.run_dir={killed_dir}", "--no-progress"],
-        env=env,
-        start_new_session=True,  # its own process group: the kill takes Ray's processes with it
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "latest").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-3 checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (killed_dir / "checkpoints" / "latest").read_text() == "step_3"
 
     resumed = subprocess.run(
         [*cli, "train", str(config_path), "--resume", str(killed_dir), "--no-progress"],
