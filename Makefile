@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup sandbox demo test test-slow lint bench
 
 setup:
 	scripts/setup.sh
@@ -7,7 +7,11 @@ setup:
 demo: setup
 	scripts/demo.sh
 
-test: setup
+# The strict sandboxes (Docker, bubblewrap) the tests run model code in: apt packages, dockerd, the image.
+sandbox: setup
+	.venv/bin/rlstack sandbox setup
+
+test: setup sandbox
 	scripts/test.sh
 
 test-slow: setup

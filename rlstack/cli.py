@@ -135,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs log-prob difference allowed")
     p.set_defaults(handler=cmd_model_check)
+
+    sandbox = sub.add_parser(
+        "sandbox", help="the sandboxes that run model-written code: set them up, check them"
+    ).add_subparsers(metavar="ACTION")
+    p = sandbox.add_parser(
+        "setup",
+        help="make this host run the strict sandboxes (root, idempotent): apt-get install what is missing of "
+        "docker.io, bubblewrap and debootstrap; start dockerd if no Docker engine answers; build the Docker "
+        "image if it is missing; print which backends can run",
+    )
+    p.set_defaults(handler=cmd_sandbox_setup)
+    p = sandbox.add_parser(
+        "build-image", help="build the Docker sandbox image (debootstrap + docker import; about a minute)"
+    )
+    p.add_argument("--tag", help="image tag (default: the one DockerSandbox uses, rlstack-sandbox:...)")
+    p.set_defaults(handler=cmd_sandbox_build_image)
+    p = sandbox.add_parser(
+        "status", help="which sandbox backends this host can run, and what the others need"
+    )
+    p.set_defaults(handler=cmd_sandbox_status)
     return parser
 
 
@@ -227,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config: RunConfig = load_config(args.config, overrides)
     rows = load_split(config.data, "heldout")[: args.problems]
     # training's scoring path, in this process: the configured deadlines and cache, no Ray actors
-    rewards = RewardGroup.in_process(config.rewards, config.reward_workers)
+    rewards = RewardGroup.in_process(config.rewards, config.reward_workers, config.sandbox)
     worker = RolloutWorker(args.checkpoint, config.rollout)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -376,6 +396,74 @@ def cmd_model_check(args: argparse.Namespace) -> int:
     print(f"{'PyTorch forward tokens/s':<32}{report.torch_tokens_per_s:,.0f}")
     print("OK: vLLM and PyTorch agree" if ok else "FAIL: vLLM and PyTorch disagree")
     return 0 if ok else 1
+
+
+def cmd_sandbox_setup(args: argparse.Namespace) -> int:
+    import time
+
+    from rlstack.envs.docker import DOCKERD_PIDFILE, install_host_packages, start_engine
+    from rlstack.envs.image import build_image, default_image, image_present
+    from rlstack.envs.sandbox import SandboxError
+
+    start = time.monotonic()
+    try:
+        installed = install_host_packages()
+        print(f"installed {', '.join(installed)}" if installed else "packages: all installed already")
+        pid = start_engine()
+        print(
+            f"started dockerd, pid {pid} (in {DOCKERD_PIDFILE})" if pid else "Docker engine: running already"
+        )
+        if image_present(default_image()):
+            print(f"image {default_image()}: present already")
+        else:
+            build_image()
+    except SandboxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print_sandbox_table()
+        return 1
+    print(f"sandbox setup done in {time.monotonic() - start:.0f} s")
+    table = print_sandbox_table()
+    return 0 if table.get("docker", "?") is None and table.get("bubblewrap", "?") is None else 1
+
+
+def cmd_sandbox_build_image(args: argparse.Namespace) -> int:
+    from rlstack.envs.image import build_image
+    from rlstack.envs.sandbox import SandboxError
+
+    try:
+        print(f"built {build_image(args.tag)}")
+    except SandboxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sandbox_status(args: argparse.Namespace) -> int:
+    print_sandbox_table()
+    return 0
+
+
+def print_sandbox_table() -> dict[str, str | None]:
+    """Print each built-in backend: strict or not, and ready or what it needs; return backend -> missing."""
+    from rlstack.envs.backends import backend_class, host_backends
+
+    try:
+        missing = host_backends()
+    except Exception:  # one backend does not even import: say so in its row, check the others
+        missing = {}
+        for name in ("docker", "bubblewrap", "process"):
+            try:
+                missing[name] = backend_class(name).unavailable()
+            except Exception as e:
+                missing[name] = f"{type(e).__name__}: {e}"
+    print(f"\n{'backend':<12}{'strict':<8}status")
+    for name, reason in missing.items():
+        try:
+            strict = "yes" if backend_class(name).strict else "no"
+        except Exception:
+            strict = "?"
+        print(f"{name:<12}{strict:<8}{'ready' if reason is None else reason}")
+    return missing
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlstack.config_base import ConfigError, StrictModel
 from rlstack.data.config import DataConfig
+from rlstack.envs.config import SandboxConfig
 from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
@@ -115,6 +116,8 @@ class RunConfig(StrictModel):
     """Reward functions and weights (registered names or import paths)."""
     reward_workers: RewardWorkersConfig = RewardWorkersConfig()
     """Ray actors that compute the rewards: time limits, chunking, caching."""
+    sandbox: SandboxConfig = SandboxConfig()
+    """Where model-written code runs (the `code` reward, environments' tools): backend and strictness."""
     sft: SFTConfig = SFTConfig()
     """Supervised warm start (`rlstack sft`)."""
     eval: EvalConfig = EvalConfig()

@@ -96,7 +96,7 @@ class Trainer:
         from rlstack.rewards.group import RewardGroup
         from rlstack.rollout.sync.push import attach
 
-        self.rewards = RewardGroup(self.cfg.rewards, self.cfg.reward_workers)
+        self.rewards = RewardGroup(self.cfg.rewards, self.cfg.reward_workers, self.cfg.sandbox)
         self._start_learner_and_rollout(policy, initial, version=driver_state["step"] if driver_state else 0)
         if resume_from is not None and driver_state is not None:
             self._restore(resume_from, driver_state)

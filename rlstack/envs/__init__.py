@@ -1,4 +1,4 @@
-"""Sandboxes for untrusted code (the `Sandbox` interface, a process backend; Docker and bubblewrap later)."""
+"""Sandboxes for model-written code: the `Sandbox` interface; Docker, bubblewrap and process backends."""
 
 from rlstack.envs.backends import get_sandbox, register_backend
 from rlstack.envs.sandbox import Files, Limits, RunResult, Sandbox, SandboxError

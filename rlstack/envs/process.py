@@ -24,7 +24,7 @@ root, we cannot give it another uid: it then runs as our own user and can read a
 escapes it) and the machine's CPUs and memory bandwidth. Without namespaces (a container without
 CAP_SYS_ADMIN, a kernel that forbids unprivileged user namespaces) it also has the network, sees host
 processes and writes to the real /tmp (as root, what its uid left there is removed); a warning says so.
-Use the Docker or bubblewrap backends (planned) where that matters.
+Use the Docker or bubblewrap backends (strict) where that matters.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rlstack.envs.sandbox import Files, Limits, RunResult, Sandbox, SandboxError, truncate
+from rlstack.envs.sandbox import Files, Limits, RunResult, RunStatus, Sandbox, SandboxError, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +148,18 @@ class ProcessSandbox(Sandbox):
         for python in pythons:
             failures = [f"not requested: {'+'.join(skipped)}"] if skipped else []
             for namespaces in self._configs():
-                try:
-                    result = self._run(
-                        [python, "-I", "-S", "-c", "pass"],
-                        {},
-                        "",
-                        Limits(wall_seconds=30),
-                        Isolation(python, namespaces, self._own_uid),
-                    )
-                except SandboxError as e:  # namespaces refused: try fewer
-                    failures.append(f"{'+'.join(namespaces)}: {e}")
+                result = self._run(
+                    [python, "-I", "-S", "-c", "pass"],
+                    {},
+                    "",
+                    Limits(wall_seconds=30),
+                    Isolation(python, namespaces, self._own_uid),
+                )
+                if result.status == "error":  # namespaces refused: try fewer
+                    failures.append(f"{'+'.join(namespaces)}: {result.detail}")
                     continue
-                if result.exit_code != 0:  # the interpreter itself does not run (e.g. not reachable)
-                    problems.append(f"{python}: exit {result.exit_code}, {result.stderr.strip()[-300:]}")
+                if not result.succeeded:  # the interpreter itself does not run (e.g. not reachable)
+                    problems.append(f"{python}: {result.describe()}, {result.stderr.strip()[-300:]}")
                     break
                 note = "; ".join(failures)
                 if "net" not in namespaces or "pid" not in namespaces:
@@ -259,20 +258,25 @@ class ProcessSandbox(Sandbox):
                 wall = time.monotonic() - start
                 setup_error = errors.read().decode(errors="replace")
             if setup_error:
-                raise SandboxError(f"sandbox set-up failed: {setup_error}")
+                return RunResult("error", None, "", "", wall, detail=f"sandbox set-up failed: {setup_error}")
         finally:
             _remove_tree(outer)
             if uid is not None and "mount" not in namespaces:
                 _remove_owned_by(uid)
         cap = limits.max_output_bytes
         rc = proc.returncode
+        status: RunStatus = "timeout" if timed_out else "killed" if rc < 0 else "ok"
         return RunResult(
-            exit_code=rc if rc >= 0 else None,
+            status=status,
+            exit_code=rc if status == "ok" else None,
             stdout=truncate(streams["stdout"][0], streams["stdout"][1], cap),
             stderr=truncate(streams["stderr"][0], streams["stderr"][1], cap),
-            timed_out=timed_out,
-            killed_by=signal.Signals(-rc).name if rc < 0 else None,
             wall_seconds=wall,
+            detail=f"wall-clock limit of {limits.wall_seconds:g} s"
+            if timed_out
+            else signal.Signals(-rc).name
+            if rc < 0
+            else "",
             truncated=[name for name, (_, total) in streams.items() if total > cap],
         )
 
@@ -283,10 +287,15 @@ def _flat(config: dict[str, int]) -> str:
 
 
 def _communicate(
-    proc: subprocess.Popen[bytes], data: bytes, deadline: float, cap: int
+    proc: subprocess.Popen[bytes],
+    data: bytes,
+    deadline: float,
+    cap: int,
+    on_timeout: Callable[[], None] | None = None,
 ) -> tuple[dict[str, tuple[bytes, int]], bool]:
     """Feed stdin, keep the first `cap` bytes of each output (counting the rest), until the sandbox ends or
-    the deadline passes; then SIGTERM the launcher (it kills the sandbox) and, failing that, SIGKILL."""
+    the deadline passes; then `on_timeout()` (default: SIGTERM the launcher, which kills the sandbox), and
+    if the launcher has not exited a grace period later, SIGKILL its process group."""
     assert proc.stdin and proc.stdout and proc.stderr
     kept = {"stdout": bytearray(), "stderr": bytearray()}
     totals = {"stdout": 0, "stderr": 0}
@@ -304,8 +313,11 @@ def _communicate(
             now = time.monotonic()
             if killed_at is None and now >= deadline:
                 timed_out, killed_at = True, now
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+                if on_timeout is not None:
+                    on_timeout()
+                else:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
             if killed_at is not None and now >= killed_at + _GRACE_SECONDS:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

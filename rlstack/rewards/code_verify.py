@@ -33,7 +33,8 @@ from typing import Any
 from pydantic import Field
 
 from rlstack.config_base import StrictModel
-from rlstack.envs import Limits, RunResult, Sandbox, code_harness, get_sandbox
+from rlstack.envs import Limits, RunResult, Sandbox, SandboxError, code_harness, get_sandbox
+from rlstack.envs.backends import run_sandbox
 from rlstack.envs.code_harness import output_digest
 from rlstack.rewards.extract import completion_text
 from rlstack.rewards.registry import RewardResult, register, split_options
@@ -161,7 +162,8 @@ class CodeVerifier:
 
     time_limit: seconds per test. memory_mb: address space per process. max_output_bytes: stdout allowed
     per io test (more is a failed test). total_time_limit: seconds for one program's whole run (default:
-    5 s of start-up plus time_limit + 0.25 s per test). sandbox: a `Sandbox` or a backend name ("process").
+    5 s of start-up plus time_limit + 0.25 s per test). sandbox: a `Sandbox`, a backend name, or None: the
+    run's sandbox (`rlstack.envs.backends.run_sandbox`, from the run's `sandbox:` section).
     """
 
     def __init__(
@@ -171,7 +173,7 @@ class CodeVerifier:
         max_output_bytes: int = 1 << 20,
         concurrency: int | None = None,
         total_time_limit: float | None = None,
-        sandbox: Sandbox | str = "process",
+        sandbox: Sandbox | str | None = None,
     ) -> None:
         if not time_limit > 0:
             raise ValueError(f"code: time_limit must be > 0 seconds, got {time_limit!r}")
@@ -180,8 +182,13 @@ class CodeVerifier:
         self.time_limit, self.memory_mb, self.max_output_bytes = time_limit, memory_mb, max_output_bytes
         self.concurrency = concurrency or len(os.sched_getaffinity(0))
         self.total_time_limit = total_time_limit
-        self.sandbox = get_sandbox(sandbox) if isinstance(sandbox, str) else sandbox
+        self._sandbox = get_sandbox(sandbox) if isinstance(sandbox, str) else sandbox
         Limits(memory_mb=memory_mb, max_output_bytes=max_output_bytes)  # validates them now
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """Where programs run: the sandbox given, else the run's (looked up at each use)."""
+        return self._sandbox if self._sandbox is not None else run_sandbox()
 
     def verify(self, code: str, tests: Tests | Any) -> CodeResult:
         """Run `code` against `tests` (a `Tests` or a raw cell: a list of asserts or of io dicts)."""
@@ -224,7 +231,10 @@ class CodeVerifier:
             except (ValueError, SyntaxError):
                 continue  # the truncation marker; nothing else writes to the harness's stdout
         lines = [line for line in lines if isinstance(line, dict)]
-        result = CodeResult(0, len(tests), timed_out=run.timed_out, seconds=run.wall_seconds)
+        if run.status == "error":  # the sandbox failed, not the code: unscored, never a 0
+            raise SandboxError(f"the code sandbox could not run the tests: {run.detail}")
+        timed_out = run.status == "timeout"
+        result = CodeResult(0, len(tests), timed_out=timed_out, seconds=run.wall_seconds)
         if lines and "compile_error" in lines[0]:
             result.compiled, result.error = False, lines[0]["compile_error"]
             return result
@@ -245,12 +255,12 @@ class CodeVerifier:
             result.passed += status == "pass"
             if result.error is None and error:
                 result.error = f"test {i}: {error}"
-        if run.timed_out:
+        if timed_out:
             result.error = f"timed out: the run took over {run.wall_seconds:.1f} s" + (
                 f" ({result.error})" if result.error else ""
             )
         elif len(reports) < len(tests) and result.error is None:
-            how = f"killed by {run.killed_by}" if run.killed_by else "stopped"
+            how = "stopped" if run.status == "ok" else run.describe()
             result.error = (
                 f"the harness {how} after {len(reports)} of {len(tests)} tests: {run.stderr[-300:]}"
             )
@@ -300,16 +310,14 @@ class CodeOptions(StrictModel):
     time_limit: float = Field(2.0, gt=0)
     """Seconds each test may run."""
     memory_mb: int = Field(512, gt=0)
-    """Address space per process, MiB."""
+    """Memory of one program's run, MiB (per process under the process backend)."""
     max_output_bytes: int = Field(1 << 20, gt=0)
     """Stdout an io test may print; more is a failed test."""
     concurrency: int | None = Field(None, ge=1)
-    """Programs run at once; None: the cores available."""
-    sandbox: str = "process"
-    """The sandbox backend (rlstack.envs)."""
+    """Programs run at once; None: the cores available. The sandbox is the run's (its `sandbox:` section)."""
 
 
-@register("code", options=CodeOptions)
+@register("code", options=CodeOptions, uses_sandbox=True)
 def code_reward(
     prompts: list[Any], completions: list[Any], tests: Sequence[Any] | None = None, **kwargs: Any
 ) -> RewardResult:

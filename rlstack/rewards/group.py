@@ -37,8 +37,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlstack.envs.backends import configure as configure_sandbox
+from rlstack.envs.backends import resolve_backend, run_sandbox
+from rlstack.envs.config import SandboxConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rewards.registry import (
+    USES_SANDBOX_ATTR,
     CombinedRewards,
     Info,
     RewardError,
@@ -88,11 +92,20 @@ class RewardScorer:
     A plain class: `RewardGroup` hosts one per Ray actor, or one in-process with `num_workers: 0`.
     """
 
-    def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[RewardSpec],
+        config: RewardWorkersConfig | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         validate_specs(specs)
         self.specs = list(specs)
         self.config = config or RewardWorkersConfig()
         self.fns = [resolve(s) for s in self.specs]
+        if sandbox is not None:
+            configure_sandbox(sandbox)
+        if any(getattr(load_plugin(s), USES_SANDBOX_ATTR, False) for s in self.specs):
+            run_sandbox()  # built now: a host that cannot give the run's isolation fails at start-up
         # A factory's product is versioned by the factory and its options.
         self.versions = [
             plugin_version(functools.partial(load_plugin(s), **s.options) if s.factory else fn)
@@ -261,12 +274,21 @@ class RewardGroup:
     [2.0]
     """
 
-    def __init__(self, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[RewardSpec],
+        config: RewardWorkersConfig | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         validate_specs(specs)  # fail fast, in the driver, on an unknown plugin or a bad option
         self.specs = list(specs)
         self.config = config or RewardWorkersConfig()
+        self.sandbox = sandbox
+        if any(getattr(load_plugin(s), USES_SANDBOX_ATTR, False) for s in self.specs):
+            # here too, not only in the workers: a host without the run's isolation fails in one line
+            resolve_backend(sandbox or SandboxConfig())
         self.restarts = 0
-        self._local = RewardScorer(specs, self.config) if self.config.num_workers == 0 else None
+        self._local = RewardScorer(specs, self.config, sandbox) if self.config.num_workers == 0 else None
         self._workers = [self._spawn() for _ in range(self.config.num_workers)]
         if self._workers:
             import ray
@@ -283,16 +305,19 @@ class RewardGroup:
 
     @classmethod
     def in_process(
-        cls, specs: Sequence[RewardSpec], config: RewardWorkersConfig | None = None
+        cls,
+        specs: Sequence[RewardSpec],
+        config: RewardWorkersConfig | None = None,
+        sandbox: SandboxConfig | None = None,
     ) -> RewardGroup:
         """A group scoring in this process (no Ray): `config`'s deadlines and cache, `num_workers: 0`."""
-        return cls(specs, (config or RewardWorkersConfig()).model_copy(update={"num_workers": 0}))
+        return cls(specs, (config or RewardWorkersConfig()).model_copy(update={"num_workers": 0}), sandbox)
 
     def _spawn(self) -> Any:
         import ray
 
         actor = ray.remote(num_cpus=self.config.cpus_per_worker, max_restarts=0)(RewardScorer)
-        return actor.remote(self.specs, self.config)
+        return actor.remote(self.specs, self.config, self.sandbox)
 
     def __call__(
         self,

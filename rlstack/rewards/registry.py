@@ -74,6 +74,7 @@ Options = TypeVar("Options", bound=BaseModel)
 CALL_ARGS = ("prompts", "completions", "completion_ids")
 """What every reward call passes by keyword besides the columns, as TRL's GRPOTrainer does."""
 OPTIONS_ATTR = "options_model"
+USES_SANDBOX_ATTR = "uses_sandbox"
 """Attribute of a reward (or factory) holding the pydantic model of its options; set by `register`."""
 
 _REWARDS: dict[str, RewardFn] = {}
@@ -91,9 +92,13 @@ class RewardError(ValueError):
     """A reward plugin is unknown, cannot be imported, or returned something unusable; names the plugin."""
 
 
-def register(name: str, options: type[BaseModel] | None = None) -> Callable[[PluginFn], PluginFn]:
+def register(
+    name: str, options: type[BaseModel] | None = None, uses_sandbox: bool = False
+) -> Callable[[PluginFn], PluginFn]:
     """Decorator: register `fn` as reward `name`; a name can be registered once. `options`: the pydantic
     model of the options it takes (stored as `fn.options_model`), which a config's options must pass.
+    `uses_sandbox`: it runs model-written code in the run's sandbox (`fn.uses_sandbox`), so a reward
+    worker builds that sandbox at start-up and a host that cannot give it fails the run there.
     Returns `fn` itself (its signature intact, for direct calls)."""
 
     def decorator(fn: PluginFn) -> PluginFn:
@@ -104,6 +109,8 @@ def register(name: str, options: type[BaseModel] | None = None) -> Callable[[Plu
             )
         if options is not None:
             setattr(fn, OPTIONS_ATTR, options)
+        if uses_sandbox:
+            setattr(fn, USES_SANDBOX_ATTR, True)
         _REWARDS[name] = fn
         return fn
 

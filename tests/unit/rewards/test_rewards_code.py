@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import rlstack.rewards.code_verify as code_module
+from rlstack.envs import backends
+from rlstack.envs.config import SandboxConfig
 from rlstack.envs.process import sandbox_processes
 from rlstack.rewards import RewardGroup, RewardResult, RewardSpec, get_reward
 from rlstack.rewards.code_verify import CodeVerifier, code_reward, extract_code
@@ -23,6 +25,18 @@ SUM_CASES = [
     {"input": "10 -4", "output": "6"},
     {"input": "5 5\n", "output": "10"},
 ]
+
+
+# The process backend, opted into explicitly (it is not strict): these tests are about the reward.
+PROCESS = SandboxConfig(backend="process", strict=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_sandbox() -> Iterator[None]:
+    """This module's runs (also through `code_reward` and `RewardGroup`) go to the process sandbox."""
+    backends.configure(PROCESS)
+    yield
+    backends.configure(SandboxConfig())
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +247,8 @@ def test_bad_tests_column_is_named(tests: list[object], message: str) -> None:
 
 def test_registered_with_options_through_the_group() -> None:
     assert get_reward("code") is code_reward
-    group = RewardGroup.in_process([RewardSpec(name="code", options={"time_limit": 3.0, "concurrency": 2})])
+    spec = RewardSpec(name="code", options={"time_limit": 3.0, "concurrency": 2})
+    group = RewardGroup.in_process([spec], sandbox=PROCESS)
     completions = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "x = 1"]
     tests = [ADD_TESTS, '["assert add(2, 2) == 4"]', 7]  # a JSON string works; the bad row is isolated
     result = group(["p"] * 3, completions, tests=tests)
