@@ -52,7 +52,16 @@ from pathlib import PurePosixPath
 from rlstack.envs.cgroups import PREFIX, CgroupError, RunCgroup
 from rlstack.envs.cgroups import unavailable as cgroups_unavailable
 from rlstack.envs.process import _UID_BASE, _UID_SPAN, _communicate
-from rlstack.envs.sandbox import Files, Limits, RunResult, RunStatus, Sandbox, SandboxError, truncate
+from rlstack.envs.sandbox import (
+    Files,
+    Limits,
+    RunResult,
+    RunStatus,
+    Sandbox,
+    SandboxError,
+    check_command,
+    truncate,
+)
 
 SANDBOX_UID = 1000
 """The uid and gid the command has inside the sandbox (its host uid is another: see the module docs)."""
@@ -161,9 +170,7 @@ class BubblewrapSandbox(Sandbox):
         stdin: str | bytes = "",
         limits: Limits | None = None,
     ) -> RunResult:
-        if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
-            raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
-        argv = list(command)
+        argv = check_command(command)
         if argv[0] in ("python3", "python"):
             if self.python is None:
                 raise SandboxError("no python3 under /usr for the bubblewrap sandbox; pass python=...")

@@ -58,7 +58,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rlstack.envs.image import ENV_PATH, default_image, docker_client, image_present
-from rlstack.envs.sandbox import Files, Limits, RunResult, RunStatus, Sandbox, SandboxError, truncate
+from rlstack.envs.sandbox import (
+    Files,
+    Limits,
+    RunResult,
+    RunStatus,
+    Sandbox,
+    SandboxError,
+    check_command,
+    truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +206,7 @@ class DockerSandbox(Sandbox):
         stdin: str | bytes = "",
         limits: Limits | None = None,
     ) -> RunResult:
-        if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
-            raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
+        argv = check_command(command)
         if self._closed:
             raise SandboxError("this DockerSandbox is closed")
         limits = limits or Limits()
@@ -212,14 +220,14 @@ class DockerSandbox(Sandbox):
             if container is None:
                 container = self._start_container(_key(limits))
             try:
-                return self._exec(container, list(command), data, len(archive), limits)
+                return self._exec(container, argv, data, len(archive), limits)
             except _NotRunning:
                 if not warm:
                     raise
             self._remove(container.id)  # a warm container that died meanwhile (an engine restart): go cold
             container = None
             container = self._start_container(_key(limits))
-            return self._exec(container, list(command), data, len(archive), limits)
+            return self._exec(container, argv, data, len(archive), limits)
         except (docker.errors.DockerException, _NotRunning) as e:
             return RunResult("error", None, "", "", detail=f"Docker: {e}")
         finally:

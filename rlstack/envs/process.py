@@ -45,7 +45,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rlstack.envs.sandbox import Files, Limits, RunResult, RunStatus, Sandbox, SandboxError, truncate
+from rlstack.envs.sandbox import (
+    Files,
+    Limits,
+    RunResult,
+    RunStatus,
+    Sandbox,
+    SandboxError,
+    check_command,
+    truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +198,8 @@ class ProcessSandbox(Sandbox):
         stdin: str | bytes = "",
         limits: Limits | None = None,
     ) -> RunResult:
-        if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
-            raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
+        argv = check_command(command)
         iso = self.isolation
-        argv = list(command)
         if argv[0] in ("python3", "python"):
             argv = [iso.python, "-I", "-S", *argv[1:]]
         return self._run(argv, dict(files or {}), stdin, limits or Limits(), iso)

@@ -122,6 +122,13 @@ class RunResult:
         return f"sandbox error: {self.detail}"
 
 
+def check_command(command: Sequence[str]) -> list[str]:
+    """`command` as an argv list; a ValueError unless it is a non-empty sequence of strings."""
+    if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
+        raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
+    return list(command)
+
+
 def truncate(data: bytes, total: int, cap: int) -> str:
     """The first `cap` bytes as text, plus a marker when `total` bytes were written in all."""
     text = data[:cap].decode("utf-8", errors="replace")

@@ -42,7 +42,6 @@ from rlstack.envs.backends import resolve_backend, run_sandbox
 from rlstack.envs.config import SandboxConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rewards.registry import (
-    USES_SANDBOX_ATTR,
     CombinedRewards,
     Info,
     RewardError,
@@ -52,6 +51,7 @@ from rlstack.rewards.registry import (
     combine,
     failure_info,
     load_plugin,
+    needs_sandbox,
     resolve,
     sample_name,
     validate_specs,
@@ -104,7 +104,7 @@ class RewardScorer:
         self.fns = [resolve(s) for s in self.specs]
         if sandbox is not None:
             configure_sandbox(sandbox)
-        if any(getattr(load_plugin(s), USES_SANDBOX_ATTR, False) for s in self.specs):
+        if needs_sandbox(self.specs):
             run_sandbox()  # built now: a host that cannot give the run's isolation fails at start-up
         # A factory's product is versioned by the factory and its options.
         self.versions = [
@@ -284,7 +284,7 @@ class RewardGroup:
         self.specs = list(specs)
         self.config = config or RewardWorkersConfig()
         self.sandbox = sandbox
-        if any(getattr(load_plugin(s), USES_SANDBOX_ATTR, False) for s in self.specs):
+        if needs_sandbox(self.specs):
             # here too, not only in the workers: a host without the run's isolation fails in one line
             resolve_backend(sandbox or SandboxConfig())
         self.restarts = 0

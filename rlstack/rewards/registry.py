@@ -117,6 +117,11 @@ def register(
     return decorator
 
 
+def needs_sandbox(specs: Sequence[RewardSpec]) -> bool:
+    """Whether any of these rewards runs model-written code in the sandbox (`register(uses_sandbox=)`)."""
+    return any(getattr(load_plugin(spec), USES_SANDBOX_ATTR, False) for spec in specs)
+
+
 def _load_builtins() -> None:
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
