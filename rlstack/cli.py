@@ -248,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = load_split(config.data, "heldout")[: args.problems]
     # training's scoring path, in this process: the configured deadlines and cache, no Ray actors
     rewards = RewardGroup.in_process(config.rewards, config.reward_workers, config.sandbox)
-    worker = RolloutWorker(args.checkpoint, config.rollout)
+    worker = RolloutWorker(args.checkpoint, config.rollout, env=config.env, sandbox=config.sandbox)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
         result = accuracy(worker, tokenizer, rewards, rows, config)
@@ -263,10 +263,22 @@ def print_eval_table(before: dict | None, after: dict) -> None:
     n = int(after["num_problems"])
     print(f"\nheld-out accuracy ({n} problems)")
     print(f"{'':<10}{'before':>10}{'after':>10}" if before else f"{'':<10}{'accuracy':>10}")
-    for mode in ("greedy", "sampled"):
+    modes = ["greedy", "sampled"]
+    if "greedy_notool_accuracy" in after:  # a run with a tool environment: also without the tool
+        modes += ["greedy_notool", "sampled_notool"]
+    width = max(len(m) for m in modes) + 2 if len(modes) > 2 else 10
+    for mode in modes:
         key = f"{mode}_accuracy"
         cells = f"{before[key]:>10.1%}{after[key]:>10.1%}" if before else f"{after[key]:>10.1%}"
-        print(f"{mode:<10}{cells}")
+        print(f"{mode:<{width}}{cells}")
+    for mode in ("greedy", "sampled"):  # tool use, with a tool environment
+        for key, name, fmt in (
+            (f"{mode}_tool_call_rate", "tool calls", ">10.1%"),
+            (f"{mode}_turns_mean", "turns", ">10.2f"),
+        ):
+            if key in after:
+                cells = "".join(f"{d[key]:{fmt}}" for d in (before, after) if d)
+                print(f"{mode + ' ' + name:<18}{cells}")
     # responses the verifier could not score (error, time-out) are not in the accuracy: say how many
     for mode in ("greedy", "sampled"):
         key = f"{mode}_unscored"

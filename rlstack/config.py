@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlstack.config_base import ConfigError, StrictModel
 from rlstack.data.config import DataConfig
-from rlstack.envs.config import SandboxConfig
+from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
@@ -118,6 +118,9 @@ class RunConfig(StrictModel):
     """Ray actors that compute the rewards: time limits, chunking, caching."""
     sandbox: SandboxConfig = SandboxConfig()
     """Where model-written code runs (the `code` reward, environments' tools): backend and strictness."""
+    env: EnvConfig | None = None
+    """Multi-turn episodes with a tool environment (TRL's environment_factory convention); None: one
+    response per prompt."""
     sft: SFTConfig = SFTConfig()
     """Supervised warm start (`rlstack sft`)."""
     eval: EvalConfig = EvalConfig()

@@ -25,7 +25,7 @@ import torch
 from rlstack.config import ConfigError, RunConfig, dump_config
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.scoring import score_rollouts, unscored_reason
-from rlstack.run import CHECKPOINTS, init_ray, initial_policy, latest_checkpoint
+from rlstack.run import CHECKPOINTS, check_env, init_ray, initial_policy, latest_checkpoint
 from rlstack.types import Rollout
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ class Trainer:
         if resume_from is not None:
             check_resume_config(self.run_dir, cfg, allow_config_change)
         validate_specs(cfg.rewards)
+        if cfg.env is not None:
+            check_env(cfg)
         self.source = PromptSource.from_config(cfg.data)
         self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
 
@@ -322,7 +324,9 @@ class Trainer:
 
         cfg = self.cfg
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-start") as pool:
-            rollout_start = pool.submit(RolloutGroup, policy, cfg.rollout, version=version)
+            rollout_start = pool.submit(
+                RolloutGroup, policy, cfg.rollout, version=version, env=cfg.env, sandbox=cfg.sandbox
+            )
             try:
                 self.learner = LearnerGroup(
                     policy,
@@ -440,8 +444,10 @@ def reward_summary(rewards: list[float | None]) -> dict[str, float]:
 
 
 def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_step: int) -> dict[str, float]:
+    from rlstack.rollout.multiturn import episode_metrics
+
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
-    return {
+    return episode_metrics(rollouts) | {
         "response/length_mean": lengths.mean().item(),
         "response/length_max": lengths.max().item(),
         "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),

@@ -75,3 +75,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not marker.exists():
         return None
     return run_dir / CHECKPOINTS / marker.read_text().strip()
+
+
+def check_env(cfg: RunConfig) -> None:
+    """Check a run's `env:` before anything starts: the environment found, its options valid, one instance
+    built and checked (reset, tool schemas), and the sandbox its tools need present on this host."""
+    if cfg.env is None:
+        return
+    from rlstack.envs.backends import resolve_backend
+    from rlstack.envs.registry import env_factory, env_uses_sandbox
+
+    env_factory(cfg.env)
+    if env_uses_sandbox(cfg.env):
+        resolve_backend(cfg.sandbox)

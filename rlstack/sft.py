@@ -19,10 +19,18 @@ from rlstack.types import Rollout
 
 
 def demonstration(tokenizer: Any, row: dict[str, Any], version: int) -> Rollout:
-    if not row.get("solution"):
-        raise ValueError(f"row {row.get('prompt_id')!r} has no 'solution': SFT needs demonstrations")
+    """A row's demonstration as a rollout: its `solution_messages` (a tool-using episode: tool output out
+    of the loss, as in RL) when it has them, else its `solution` text."""
     prompt_ids = tokenizer.encode(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
-    response_ids = [*tokenizer.encode(row["solution"], add_special_tokens=False), tokenizer.eos_token_id]
+    if row.get("solution_messages"):
+        from rlstack.envs.tool_calls import demonstration_tokens
+
+        response_ids, mask = demonstration_tokens(tokenizer, row["solution_messages"])
+    elif row.get("solution"):
+        response_ids = [*tokenizer.encode(row["solution"], add_special_tokens=False), tokenizer.eos_token_id]
+        mask = [1] * len(response_ids)
+    else:
+        raise ValueError(f"row {row.get('prompt_id')!r} has no 'solution': SFT needs demonstrations")
     return Rollout(
         prompt_id=str(row["prompt_id"]),
         prompt_ids=prompt_ids,
@@ -30,6 +38,7 @@ def demonstration(tokenizer: Any, row: dict[str, Any], version: int) -> Rollout:
         response_logprobs=[0.0] * len(response_ids),
         finish_reason="stop",
         version=version,
+        response_mask=mask,
     )
 
 

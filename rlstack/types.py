@@ -1,8 +1,9 @@
 """Plain data records that cross package boundaries (and Ray). No torch, no ray: stdlib only.
 
 `Rollout` is THE rollout record: everything later stages (rewards, the learner, multi-turn environments,
-routing replay, partial rollouts, re-dispatch after a failure) know about one trajectory. Extend it here,
-never with a parallel record elsewhere.
+routing replay, partial rollouts, re-dispatch after a failure) know about one trajectory; a multi-turn
+episode is one `Rollout` whose response interleaves model turns and tool output (`response_mask`).
+Extend it here, never with a parallel record elsewhere.
 """
 
 from __future__ import annotations
@@ -11,6 +12,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class EpisodeInfo:
+    """What a multi-turn episode did besides its tokens (rollout.multiturn)."""
+
+    turns: int = 0
+    """Assistant turns generated."""
+    tool_calls: int = 0
+    tool_errors: int = 0
+    """Calls answered with an error (unknown tool, bad arguments, the tool raised, time-out)."""
+    tool_timeouts: int = 0
+    tool_seconds: float = 0.0
+    """Wall-clock time of the episode's tool calls, summed."""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    """The completion as chat messages (assistant turns with `tool_calls`, tool results), as TRL gives
+    reward functions a tool-using completion."""
+    environment: Any = None
+    """The episode's environment instance after the episode (reward functions get it as
+    `environments=`); None if it could not be pickled."""
+    error: str | None = None
+    """Set when the episode could not run fairly (the sandbox failed): the rollout is never scored."""
 
 
 @dataclass
@@ -47,6 +70,8 @@ class Rollout:
     routed_experts: Any = None
     unscored_reason: str | None = None
     """Why `reward` is None, when it is (e.g. a plugin's error or time-out), for `samples/`."""
+    episode: EpisodeInfo | None = None
+    """Multi-turn episodes only: turns, tool calls and the environment (see `EpisodeInfo`)."""
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

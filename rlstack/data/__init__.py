@@ -3,6 +3,7 @@
 from rlstack.data.config import DataConfig
 from rlstack.data.sources import DataError, PromptSource, load_rows, load_split, task_rows
 from rlstack.data.tasks import TASKS, Problem, TaskGenerator, generate_rows, get_task, register_task
+from rlstack.data.tool_tasks import PYTHON_TOOL  # noqa: F401  (registers the python_tool task)
 
 __all__ = [
     "TASKS",

@@ -78,3 +78,12 @@ def reward_prompt(columns: Mapping[str, Any], rendered: str) -> tuple[PromptValu
     rendered text, for rollouts not made from a data row) and the other columns."""
     prompt = columns.get(PROMPT_COLUMN, rendered)
     return prompt, {k: v for k, v in columns.items() if k != PROMPT_COLUMN}
+
+
+def with_observation(prompt: PromptValue, observation: str) -> PromptValue:
+    """The prompt with an environment's `reset()` observation appended to its last user message (TRL's
+    rule), leaving the original untouched."""
+    if isinstance(prompt, str):
+        return prompt + observation
+    last = prompt[-1]
+    return [*prompt[:-1], {**last, "content": str(last.get("content", "")) + observation}]

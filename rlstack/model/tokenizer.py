@@ -2,7 +2,7 @@
 
 Text is split into a few whole words (`\\boxed`, `Answer`, ...) and otherwise single characters, so any
 arithmetic, equation or puzzle text round-trips exactly: `decode(encode(s)) == s` for every string made
-of the characters below. Chat turns use role tokens; an assistant turn ends with the EOS token.
+of the characters below. Chat turns use role tokens (CHAT_TEMPLATE).
 """
 
 from __future__ import annotations
@@ -37,9 +37,15 @@ CHARS = string.digits + string.ascii_letters + "+-*/=()[]{}<>^.,:;?!_\\'\"%$&|# 
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson(separators=(',', ':')) }}</tool_call>{% endfor %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+"""Chat turns as role tokens; an assistant turn ends with EOS, after its tool calls written as
+`<tool_call>{"name":...,"arguments":...}</tool_call>` (rlstack.envs.tool_calls); tool results are `tool`
+turns. Tool schemas (`tools=`) are not rendered: the tiny model learns its tool from demonstrations."""
 
 
 def vocabulary() -> list[str]:

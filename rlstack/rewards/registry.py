@@ -40,11 +40,12 @@ import threading
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from rlstack.plugins import dist_name, entry_points_by_name, import_object, load_entry_point, one_line
 from rlstack.rewards.config import RewardSpec
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ _BUILTIN_MODULES = (
     "rlstack.rewards.math_verify",
     "rlstack.rewards.puzzle",
     "rlstack.rewards.code_verify",
+    "rlstack.rewards.env_reward",
     "rlstack.rewards.judges.genrm",
     "rlstack.rewards.judges.metarm",
     "rlstack.rewards.judges.preference",
@@ -129,14 +131,7 @@ def _load_builtins() -> None:
 
 def _entry_points() -> dict[str, list[EntryPoint]]:
     """Entry points of the `rlstack.rewards` group by name, re-read each call so new installs show up."""
-    found: dict[str, list[EntryPoint]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, []).append(ep)
-    return found
-
-
-def _dist_name(ep: EntryPoint) -> str:
-    return ep.dist.name if ep.dist is not None else "?"
+    return entry_points_by_name(ENTRY_POINT_GROUP)
 
 
 def list_rewards() -> dict[str, str]:
@@ -144,7 +139,7 @@ def list_rewards() -> dict[str, str]:
     _load_builtins()
     names = {name: f"{fn.__module__}.{fn.__qualname__}" for name, fn in _REWARDS.items()}
     for name, eps in _entry_points().items():
-        names.setdefault(name, "; ".join(f"entry point {_dist_name(ep)}: {ep.value}" for ep in eps))
+        names.setdefault(name, "; ".join(f"entry point {dist_name(ep)}: {ep.value}" for ep in eps))
     return dict(sorted(names.items()))
 
 
@@ -164,33 +159,13 @@ def get_reward(name: str) -> RewardFn:
             f"@register('{name}'), an entry point in group '{ENTRY_POINT_GROUP}', "
             "or use import_path: pkg.mod:fn"
         )
-    if len({ep.value for ep in eps}) > 1:
-        where = ", ".join(sorted(f"{_dist_name(ep)} ({ep.value})" for ep in eps))
-        raise RewardError(f"reward '{name}' is provided by several entry points: {where}; uninstall one")
-    try:
-        fn = eps[0].load()
-    except Exception as e:  # a third-party package failing to import: say which one
-        raise RewardError(
-            f"reward '{name}': cannot load entry point {eps[0].value} of {_dist_name(eps[0])}: {e}"
-        ) from e
+    fn = load_entry_point(eps, f"reward '{name}'", RewardError)
     return _check_callable(fn, f"reward '{name}' (entry point {eps[0].value})")
 
 
 def load_import_path(path: str) -> RewardFn:
     """`package.module:function` (or `package.module:Class.attribute`) -> the callable."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"import_path '{path}' must look like package.module:function")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # the user's module failing to import (any error): say which one
-        raise RewardError(
-            f"import_path '{path}': cannot import module '{module_name}': {_one_line(e)}"
-        ) from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RewardError(f"import_path '{path}': '{module_name}' has no attribute '{attr}'")
-        obj = getattr(obj, part)
+    obj = import_object(path, RewardError)
     return _check_callable(obj, f"import_path '{path}'")
 
 
@@ -198,11 +173,6 @@ def _check_callable(obj: Any, what: str) -> RewardFn:
     if not callable(obj):
         raise RewardError(f"{what} is a {type(obj).__name__}, not a function")
     return obj
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if not isinstance(error, ImportError) else text
 
 
 # ---- options and resolving ------------------------------------------------------------------------------
@@ -298,7 +268,7 @@ def resolve(spec: RewardSpec) -> RewardFn:
         try:
             made: Any = fn(**options)  # `fn` is the factory here: it returns the reward
         except Exception as e:  # the user's factory refusing its options: any error is theirs
-            raise RewardError(f"reward '{spec.label}': the factory raised {_one_line(e)}") from e
+            raise RewardError(f"reward '{spec.label}': the factory raised {one_line(e)}") from e
         reward = _check_callable(made, f"reward '{spec.label}': what the factory returned")
         check_call_signature(reward, spec.label, factory=True)
         return reward

@@ -21,48 +21,74 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rlstack.envs.config import EnvConfig, SandboxConfig
+from rlstack.envs.sandbox import SandboxError
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import close_llm, make_async_llm
 from rlstack.rollout.sync.engine_rpc import AsyncEngineRPC
 from rlstack.rollout.worker import (
     Prompt,
     engine_settings,
+    episode_runner,
+    observation_prompt_ids,
     prompt_ids,
     sampling_params,
     to_rollouts,
+    to_turn,
     token_prompt,
+    turn_params,
 )
 from rlstack.types import Rollout
+
+if TYPE_CHECKING:
+    from rlstack.rollout.multiturn import Episode
 
 
 class AsyncRolloutWorker(AsyncEngineRPC):
     """Plain class with async methods; `RolloutGroup` runs it as a Ray (async) actor. The weight-sync
     methods (`load_bucket`, `join_group`, ...) are `AsyncEngineRPC`'s; begin / finish gate generation."""
 
-    def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: RolloutConfig,
+        version: int = 0,
+        env: EnvConfig | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         self.config = config
         self.llm: Any = make_async_llm(model_path, engine_settings(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.version = version
+        self.episodes = episode_runner(env, sandbox, self.tokenizer, config.max_model_len)
         self._calls = itertools.count()
         self._running = 0
         self._updating = False
         self._state = asyncio.Condition()
 
-    async def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> list[Rollout]:
-        """`sampling.n` rollouts per prompt, grouped by prompt in input order."""
+    async def generate(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
+    ) -> list[Rollout]:
+        """`sampling.n` rollouts per prompt, grouped by prompt in input order: multi-turn episodes when the
+        run has an `env:` (and `tools`), each its own coroutine, else one response each."""
         from vllm.sampling_params import RequestOutputKind
 
         sampling = sampling or self.config.sampling
-        inputs = [token_prompt(prompt_ids(p, self.tokenizer)) for p in prompts]
         async with self._state:
             await self._state.wait_for(lambda: not self._updating)
             self._running += 1
             version = self.version
         try:
             call = next(self._calls)
+            if self.episodes is not None and tools:
+                render = lambda p, obs: observation_prompt_ids(p, obs, self.tokenizer)  # noqa: E731
+                episodes = self.episodes.start(prompts, sampling.n, render)
+                runs = [self._episode(e, i, sampling, call) for i, e in enumerate(episodes)]
+                await asyncio.gather(*runs)
+                return [e.to_rollout() for e in episodes]
+            inputs = [token_prompt(prompt_ids(p, self.tokenizer)) for p in prompts]
             requests = []
             for i, prompt in enumerate(inputs):
                 params = sampling_params(sampling, i)
@@ -74,6 +100,29 @@ class AsyncRolloutWorker(AsyncEngineRPC):
                 self._running -= 1
                 self._state.notify_all()
         return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, version)]
+
+    async def _episode(self, episode: Episode, index: int, sampling: SamplingConfig, call: int) -> None:
+        """One episode to its end: generate a turn, run its tools in the env pool, repeat. Other episodes'
+        turns keep generating while this one's tools run."""
+        from vllm.sampling_params import RequestOutputKind
+
+        assert self.episodes is not None
+        loop = asyncio.get_running_loop()
+        turn = 0
+        while episode.may_continue():
+            params = turn_params(sampling, episode, index, turn)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            request_id = f"rlstack-{os.getpid()}-{call}-{index}-{turn}"
+            out = await self._final_output(token_prompt(episode.ids), params, request_id)
+            calls = episode.add_turn(to_turn(out, self.version))
+            if calls:
+                try:
+                    outcomes = await loop.run_in_executor(self.episodes.pool, episode.run_tools, calls)
+                except SandboxError as e:
+                    episode.fail(e)
+                    break
+                episode.add_tool_results(outcomes, self.version)
+            turn += 1
 
     async def _final_output(self, prompt: Any, params: Any, request_id: str) -> Any:
         final = None
@@ -112,6 +161,9 @@ class AsyncRolloutWorker(AsyncEngineRPC):
 
     async def shutdown(self) -> None:
         """Stop the engine core process (and free its /dev/shm) before Ray kills the actor."""
+        if self.episodes is not None:
+            self.episodes.close()
+            self.episodes = None
         if getattr(self, "llm", None) is not None:
             close_llm(self.llm)
             self.llm = None

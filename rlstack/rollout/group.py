@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.sync.backend import WeightSyncBackend
 from rlstack.rollout.sync.plan import checkpoint_tensors
@@ -36,7 +37,15 @@ class PendingRollouts:
 
 
 class RolloutGroup:
-    def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: RolloutConfig,
+        version: int = 0,
+        env: EnvConfig | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
+        """`env`: multi-turn episodes with this environment (tools run in `sandbox`); None: single turns."""
         if config.weight_sync == "nccl" and not ray.cluster_resources().get("GPU", 0):
             raise RuntimeError(
                 "rollout.weight_sync='nccl' needs GPUs, and this Ray cluster has none: vLLM-CPU engines "
@@ -55,7 +64,9 @@ class RolloutGroup:
         else:
             actor = remote(RolloutWorker)
         self.config = config
-        self.workers = [actor.remote(str(model_path), config, version) for _ in range(config.num_workers)]
+        self.workers = [
+            actor.remote(str(model_path), config, version, env, sandbox) for _ in range(config.num_workers)
+        ]
         ray.get([w.get_version.remote() for w in self.workers])  # surface start-up errors here
         self.version = version
         self.weight_sync: WeightSyncBackend = make_backend(
@@ -70,19 +81,26 @@ class RolloutGroup:
         rank-0 process (`pushes_from_learner`): rollout.sync.push `attach` hands this (picklable) object
         there and `push_policy` pushes from it."""
 
-    def submit(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> PendingRollouts:
-        """Spread prompts over the workers in contiguous chunks (keeps each prompt's group together)."""
+    def submit(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
+    ) -> PendingRollouts:
+        """Spread prompts over the workers in contiguous chunks (keeps each prompt's group together).
+        `tools=False`: single turns even with an environment (the "without the tool" evaluation)."""
         chunks = _split(prompts, len(self.workers))
         refs = [
-            w.generate.remote(chunk, sampling) for w, chunk in zip(self.workers, chunks, strict=True) if chunk
+            w.generate.remote(chunk, sampling, tools)
+            for w, chunk in zip(self.workers, chunks, strict=True)
+            if chunk
         ]
         return PendingRollouts(refs, time.perf_counter())
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
         return [r for part in ray.get(pending.refs) for r in part]
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> list[Rollout]:
-        return self.collect(self.submit(prompts, sampling))
+    def generate(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
+    ) -> list[Rollout]:
+        return self.collect(self.submit(prompts, sampling, tools))
 
     def update_weights(self, state_dict: dict, version: int) -> dict[str, float]:
         """Push a state dict (HF/vLLM names) to every engine in place; returns the sync metrics

@@ -14,12 +14,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 from rlstack.rollout.sync.engine_rpc import EngineRPC
 from rlstack.types import FinishReason, Rollout
+
+if TYPE_CHECKING:
+    from rlstack.rollout.multiturn import Episode, EpisodeRunner, Turn
 
 
 @dataclass
@@ -50,15 +54,31 @@ class RolloutWorker(EngineRPC):
     """Plain class; `RolloutGroup` runs it as a Ray actor (`ray.remote(RolloutWorker)`). The weight-sync
     methods (`begin_update`, `load_bucket`, `join_group`, ...) are `EngineRPC`'s."""
 
-    def __init__(self, model_path: str | Path, config: RolloutConfig, version: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: RolloutConfig,
+        version: int = 0,
+        env: EnvConfig | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         self.config = config
         self.llm = make_llm(model_path, engine_settings(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.version = version
+        self.episodes = episode_runner(env, sandbox, self.tokenizer, config.max_model_len)
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig | None = None) -> list[Rollout]:
-        """`sampling.n` rollouts per prompt, grouped by prompt in input order."""
+    def generate(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
+    ) -> list[Rollout]:
+        """`sampling.n` rollouts per prompt, grouped by prompt in input order: multi-turn episodes when the
+        run has an `env:` (and `tools`), else one response each."""
         sampling = sampling or self.config.sampling
+        if self.episodes is not None and tools:
+            episodes = self.episodes.start(prompts, sampling.n, self._render)
+            return self.episodes.run(
+                episodes, lambda active, turn: self._turns(active, turn, sampling), self.get_version
+            )
         inputs = [token_prompt(self._prompt_ids(p)) for p in prompts]
         params = [sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
@@ -82,12 +102,79 @@ class RolloutWorker(EngineRPC):
 
     def shutdown(self) -> None:
         """Close the engine inside the actor: a multiprocessing engine otherwise leaks /dev/shm."""
+        episodes = getattr(self, "episodes", None)
+        if episodes is not None:
+            episodes.close()
+            self.episodes = None
         if getattr(self, "llm", None) is not None:
             close_llm(self.llm)
             self.llm = None
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         return prompt_ids(prompt, self.tokenizer)
+
+    def _render(self, prompt: Prompt, observation: str) -> list[int]:
+        return observation_prompt_ids(prompt, observation, self.tokenizer)
+
+    def _turns(self, episodes: list[Episode], turn: int, sampling: SamplingConfig) -> list[Turn]:
+        """One batched engine call: the next turn of every given episode."""
+        inputs = [token_prompt(e.ids) for e in episodes]
+        params = [turn_params(sampling, e, i, turn) for i, e in enumerate(episodes)]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [to_turn(out, self.version) for out in outputs]
+
+
+def episode_runner(
+    env: EnvConfig | None, sandbox: SandboxConfig | None, tokenizer: Any, max_model_len: int
+) -> EpisodeRunner | None:
+    """The worker's multi-turn runner when the run has an `env:` section: its environment checked and the
+    run's sandbox configured for this process (what the environment's tools run in)."""
+    if env is None:
+        return None
+    from rlstack.envs.backends import configure, run_sandbox
+    from rlstack.envs.registry import env_factory, env_uses_sandbox
+    from rlstack.rollout.multiturn import EpisodeRunner
+
+    configure(sandbox or SandboxConfig())
+    if env_uses_sandbox(env):
+        run_sandbox()  # built now: a host without the configured backend fails the run at start-up
+    return EpisodeRunner(env_factory(env), env, tokenizer, max_model_len)
+
+
+def observation_prompt_ids(prompt: Prompt, observation: str, tokenizer: Any) -> list[int]:
+    """The prompt re-rendered with a `reset()` observation appended to its last user message."""
+    from rlstack.data.prompts import PROMPT_COLUMN, render_prompt, with_observation
+
+    if PROMPT_COLUMN not in prompt.columns:
+        raise ValueError(
+            f"prompt {prompt.prompt_id!r}: the environment's reset() returned an observation, but the prompt "
+            f"has no '{PROMPT_COLUMN}' column to append it to"
+        )
+    text = render_prompt(tokenizer, with_observation(prompt.columns[PROMPT_COLUMN], observation))  # type: ignore[arg-type]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def turn_params(sampling: SamplingConfig, episode: Episode, index: int, turn: int) -> Any:
+    """Sampling parameters of one episode's next turn: one response, at most the room it has left, seeded
+    by the episode's index in the call and the turn."""
+    one = sampling.model_copy(
+        update={
+            "n": 1,
+            "max_tokens": episode.room(sampling.max_tokens),
+            "seed": sampling.seed + 1_000_003 * turn,
+        }
+    )
+    return sampling_params(one, index)
+
+
+def to_turn(out: Any, version: int) -> Turn:
+    """A vLLM `RequestOutput` of one request (n = 1) -> the episode's next `Turn`."""
+    from rlstack.rollout.multiturn import Turn
+
+    completion = out.outputs[0]
+    ids = list(completion.token_ids)
+    logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs or [], strict=True)]
+    return Turn(ids, logprobs, _finish_reason(completion.finish_reason), version)
 
 
 def token_prompt(ids: list[int]) -> Any:

@@ -1,0 +1,216 @@
+"""Multi-turn episodes with real vLLM and real sandboxes: token in / token out across turns, the loss mask,
+log-prob parity with the learner, and a TRL environment used unchanged.
+
+The policy is the tiny model taught (a few seconds of plain PyTorch) to act out two fixed episodes, so the
+real engine really writes tool calls: a 3-turn `python_tool` episode (two programs run in bubblewrap, then
+the answer) and a call of a TRL-style calculator's `multiply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlstack.data.prompts import render_prompt, rollout_prompt
+from rlstack.envs.config import EnvConfig, SandboxConfig
+from rlstack.envs.tool_calls import ToolOutcome, demonstration_tokens, tool_suffix_ids
+from rlstack.learner.batch import collate
+from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.model import Step3p5ForCausalLM, init_checkpoint, tiny
+from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
+from rlstack.rewards.group import RewardGroup
+from rlstack.rewards.scoring import score_rollouts
+from rlstack.rollout.config import RolloutConfig, SamplingConfig
+from rlstack.rollout.worker import RolloutWorker
+from rlstack.types import Rollout
+
+pytestmark = [pytest.mark.vllm, pytest.mark.bubblewrap]
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+PYTHON_EPISODE = (
+    "What is 6*7+1?",
+    [
+        {"role": "assistant", "content": "", "tool_calls": [_call("python", code="print(6*7)")]},
+        {"role": "tool", "name": "python", "content": "42\n"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("python", code="print(42+1)")]},
+        {"role": "tool", "name": "python", "content": "43\n"},
+        {"role": "assistant", "content": "\\boxed{43}"},
+    ],
+)
+CALCULATOR_EPISODE = (
+    "Use the calculator: 12 times 34",
+    [
+        {"role": "assistant", "content": "", "tool_calls": [_call("multiply", a=12, b=34)]},
+        {"role": "tool", "name": "multiply", "content": "408"},
+        {"role": "assistant", "content": "\\boxed{408}"},
+    ],
+)
+SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=100, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tool_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny policy after memorising both episodes (cross-entropy on the model tokens only)."""
+    from rlstack.model.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    path = init_checkpoint(tiny(), tmp_path_factory.mktemp("tool_policy"), seed=0)
+    model = Step3p5ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    sequences = []
+    for prompt, messages in (PYTHON_EPISODE, CALCULATOR_EPISODE):
+        prompt_ids = tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+        response, mask = demonstration_tokens(tokenizer, messages)
+        labels = [-100] * len(prompt_ids) + [t if m else -100 for t, m in zip(response, mask, strict=True)]
+        sequences.append((prompt_ids + response, labels))
+    length = max(len(ids) for ids, _ in sequences)
+    ids = torch.tensor([s + [0] * (length - len(s)) for s, _ in sequences])  # (2, L)
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in sequences])  # (2, L)
+    attention = (torch.arange(length)[None] < torch.tensor([len(s) for s, _ in sequences])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    assert loss.item() < 1e-2, f"the tiny policy did not learn the episodes (loss {loss.item():.3g})"
+    model.save_pretrained(path)
+    return path
+
+
+def _worker(path: Path, env: EnvConfig) -> Iterator[RolloutWorker]:
+    worker = RolloutWorker(
+        path,
+        RolloutConfig(max_model_len=512, kv_cache_mb=32),
+        env=env,
+        sandbox=SandboxConfig(backend="bubblewrap"),
+    )
+    try:
+        yield worker
+    finally:
+        worker.shutdown()
+
+
+@pytest.fixture(scope="module")
+def python_worker(tool_policy: Path) -> Iterator[RolloutWorker]:
+    yield from _worker(tool_policy, EnvConfig(name="python_tool", max_turns=4))
+
+
+def test_three_turn_python_tool_episode_is_token_in_token_out(
+    python_worker: RolloutWorker, tool_policy: Path
+) -> None:
+    tokenizer = python_worker.tokenizer
+    engine_prompts: list[list[list[int]]] = []  # per engine call, each request's prompt ids
+    generate = python_worker.llm.generate
+
+    def recording_generate(inputs: list[Any], params: Any, **kwargs: Any) -> Any:
+        engine_prompts.append([list(i["prompt_token_ids"]) for i in inputs])
+        return generate(inputs, params, **kwargs)
+
+    python_worker.llm.generate = recording_generate  # type: ignore[method-assign]
+    try:
+        row = {"prompt_id": "p", "prompt": PYTHON_EPISODE[0], "answer": "43"}
+        rollouts = python_worker.generate([rollout_prompt(tokenizer, row, "p")], SAMPLING)
+    finally:
+        python_worker.llm.generate = generate  # type: ignore[method-assign]
+
+    assert len(rollouts) == 2 and len(engine_prompts) == 3  # three turns, both episodes in each call
+    for r in rollouts:
+        assert r.episode is not None and r.episode.error is None
+        assert (r.episode.turns, r.episode.tool_calls, r.episode.tool_errors) == (3, 2, 0)
+        assert [m["role"] for m in r.episode.messages] == [
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant",
+        ]
+        assert r.episode.messages[1]["content"] == "42\n" and r.episode.messages[3]["content"] == "43\n"
+        assert r.finish_reason == "stop" and r.response_text.endswith("\\boxed{43}</s>")
+
+    # Turn k+1's prompt is turn k's prompt + its response + the tool-result tokens, exactly; and it is also
+    # what the chat template renders for the conversation so far (our template only appends).
+    r = rollouts[0]
+    mask = r.response_mask
+    assert mask is not None
+    runs = _runs(mask)  # [(start, end, is_model)] over the response
+    assert [m for _, _, m in runs] == [1, 0, 1, 0, 1]
+    turn_prompts = [calls[0] for calls in engine_prompts]
+    for k in range(2):
+        (s, e, _), (ts, te, _) = runs[2 * k], runs[2 * k + 1]
+        response, tool_ids = r.response_ids[s:e], r.response_ids[ts:te]
+        assert tool_ids == tool_suffix_ids(
+            tokenizer, [ToolOutcome("python", r.episode.messages[2 * k + 1]["content"])]
+        )
+        assert turn_prompts[k + 1] == turn_prompts[k] + response + tool_ids
+    conversation = [{"role": "user", "content": PYTHON_EPISODE[0]}, *r.episode.messages[:4]]
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert turn_prompts[2] == tokenizer.encode(rendered, add_special_tokens=False)
+    assert r.prompt_ids + r.response_ids[: runs[3][1]] == turn_prompts[2]
+
+    # Loss mask: exactly the model's tokens; tool tokens carry log-prob 0 and never train.
+    assert sum(mask) == sum(e - s for s, e, m in runs if m) and all(
+        r.response_logprobs[i] == 0.0 for i, m in enumerate(mask) if not m
+    )
+    # The learner's log-probs of the model tokens (same sampling transform, fp32) agree with vLLM's.
+    batch = collate(rollouts, pad_id=tokenizer.pad_token_id)
+    model = Step3p5ForCausalLM.from_pretrained(tool_policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        scores = score_tokens(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            with_routing=False,
+            transform=SamplingTransform.from_sampling(SAMPLING),
+        )
+    trained = batch.loss_mask.bool()  # (B, L)
+    assert trained.sum().item() == sum(sum(x.response_mask or []) for x in rollouts)
+    diff = (scores.logp - batch.rollout_logp)[trained].abs().max().item()
+    assert diff < 1e-3, f"learner vs vLLM log-probs differ by {diff:.2e} on model tokens"
+
+
+def test_trl_environment_and_reward_run_unchanged(tool_policy: Path) -> None:
+    """tests/integration/trl_envs.py is TRL code (no rlstack import): its tools run, get_reward() scores
+    through the `env` reward, and its reward function gets `environments=` and the message completions."""
+    for worker in _worker(tool_policy, EnvConfig(import_path="trl_envs:CalculatorEnv")):
+        row = {"prompt_id": "c", "prompt": CALCULATOR_EPISODE[0], "answer": "408"}
+        rollouts: list[Rollout] = worker.generate([rollout_prompt(worker.tokenizer, row, "c")], SAMPLING)
+        for r in rollouts:
+            assert r.episode is not None and (r.episode.turns, r.episode.tool_calls) == (2, 1)
+            assert r.episode.messages[1] == {"role": "tool", "name": "multiply", "content": "408"}
+            assert r.episode.environment.products == [408]  # the instance after the episode
+        rewards = RewardGroup.in_process(
+            [
+                RewardSpec(name="env"),
+                RewardSpec(import_path="trl_envs:answer_matches_tool"),
+                RewardSpec(name="math"),
+            ],
+            RewardWorkersConfig(),
+        )
+        try:
+            result = score_rollouts(rewards, rollouts)
+        finally:
+            rewards.shutdown()
+        assert result.per_reward["env"] == [1.0, 1.0]
+        assert result.per_reward["trl_envs:answer_matches_tool"] == [1.0, 1.0]
+        assert result.per_reward["math"] == [1.0, 1.0]
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal mask values: (start, end, value)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, m in enumerate(mask):
+        if runs and runs[-1][2] == m:
+            runs[-1] = (runs[-1][0], i + 1, m)
+        else:
+            runs.append((i, i + 1, m))
+    return runs
