@@ -16,6 +16,11 @@ fewer than 100 calls it is the slowest call. Notes under the table say how many 
 container. The process backend's one-off isolation probe (cached per Python process, so not part of any
 "cold" call) is timed on its own. Every container made is removed, and that is checked at the end.
 Numbers depend on the machine and its load; nothing is asserted but that every call gives the right output.
+
+Second table, multi-turn rollout throughput: the tiny policy is taught (a few seconds of PyTorch) a 3-turn
+`python_tool` episode (two programs run in the sandbox, then the answer); a `RolloutWorker` (sync vLLM
+engine, in this process) then runs `--episodes` episodes of it at once, with the env pool (`--pool`
+threads running tool calls) and with one tool session at a time (pool of 1). `--no-multiturn` skips it.
 """
 
 from __future__ import annotations
@@ -236,6 +241,72 @@ def backend_rows(backend: str, args: argparse.Namespace, sandboxes: Sandboxes, n
     return rows
 
 
+EPISODE_HEADERS = (
+    "engine",
+    "tool sessions at once",
+    "episodes",
+    "trajectories/s",
+    "tool calls",
+    "tool s",
+    "wall s",
+)
+
+
+def _call(code: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
+
+
+EPISODE = (
+    "What is 6*7+1?",
+    [
+        {"role": "assistant", "content": "", "tool_calls": [_call("print(6*7)")]},
+        {"role": "tool", "name": "python", "content": "42\n"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("print(42+1)")]},
+        {"role": "tool", "name": "python", "content": "43\n"},
+        {"role": "assistant", "content": "\\boxed{43}"},
+    ],
+)
+
+
+def multiturn_rows(args: argparse.Namespace) -> list[tuple[Any, ...]]:
+    """Trajectories/s of `args.episodes` 3-turn python_tool episodes: env pool, then one session at a time."""
+    import tempfile
+
+    from rlstack.data.prompts import rollout_prompt
+    from rlstack.envs.config import EnvConfig, SandboxConfig
+    from rlstack.model import init_checkpoint, tiny
+    from rlstack.rollout.config import RolloutConfig, SamplingConfig
+    from rlstack.rollout.worker import RolloutWorker
+    from rlstack.sft import memorize
+
+    rows: list[tuple[Any, ...]] = []
+    with tempfile.TemporaryDirectory(prefix="rlstack-bench-") as tmp:
+        path = init_checkpoint(tiny(), tmp, seed=0)
+        loss = memorize(path, [EPISODE])
+        print(f"tool policy taught the 3-turn episode (loss {loss:.1e})")
+        sampling = SamplingConfig(n=args.episodes, temperature=1.0, max_tokens=100)
+        for pool in (args.pool, 1):
+            worker = RolloutWorker(
+                path,
+                RolloutConfig(max_model_len=512, kv_cache_mb=64, num_threads=2),
+                env=EnvConfig(name="python_tool", pool_size=pool),
+                sandbox=SandboxConfig(backend=args.episode_backend),
+            )
+            try:
+                prompt = rollout_prompt(worker.tokenizer, {"prompt_id": "p", "prompt": EPISODE[0]}, "p")
+                worker.generate([prompt], sampling.model_copy(update={"n": 2}))  # warm-up
+                start = time.perf_counter()
+                rollouts = worker.generate([prompt], sampling)
+                wall = time.perf_counter() - start
+            finally:
+                worker.shutdown()
+            episodes = [r.episode for r in rollouts if r.episode is not None]
+            calls = sum(e.tool_calls for e in episodes)
+            tool_s = sum(e.tool_seconds for e in episodes)
+            rows.append(("sync", pool, len(rollouts), len(rollouts) / wall, calls, tool_s, wall))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +322,12 @@ def main() -> None:
     parser.add_argument(
         "--warm-pool", type=int, default=2, help="docker's warm pool, warm rows (config default 2)"
     )
+    parser.add_argument("--episodes", type=int, default=64, help="multi-turn episodes per measurement")
+    parser.add_argument("--pool", type=int, default=16, help="env pool threads, multi-turn table")
+    parser.add_argument(
+        "--episode-backend", default="bubblewrap", help="sandbox of the multi-turn table's python tool"
+    )
+    parser.add_argument("--no-multiturn", action="store_true", help="skip the multi-turn table")
     args = parser.parse_args()
     if args.calls < 1 or args.threads < 1 or args.tests < 1 or args.warm_pool < 0:
         parser.error("--calls, --threads and --tests must be >= 1, --warm-pool >= 0")
@@ -284,13 +361,16 @@ def main() -> None:
             notes.append(
                 f"docker: {len(sandboxes.docker_instances)} sandboxes made, {left} of their containers left"
             )
-    # More sections (e.g. other workloads' rows, or a table of their own) go here, before printing.
+    episode_rows = [] if args.no_multiturn else multiturn_rows(args)
 
     print()
     print(markdown_table(HEADERS, [astuple(r) for r in rows]))
     print()
     for note in notes:
         print(f"- {note}")
+    if episode_rows:
+        print()
+        print(markdown_table(EPISODE_HEADERS, episode_rows))
     seconds, load_after = time.perf_counter() - total_start, os.getloadavg()[0]
     print(f"\ntotal {seconds:.0f} s; load average (1 min) {load:.2f} before, {load_after:.2f} after")
 

@@ -36,11 +36,16 @@ def main(argv: list[str] | None = None) -> int:
 def user_error_types() -> tuple[type[Exception], ...]:
     """The errors that mean the user's config, data or reward plugins are wrong (one line, exit 2).
 
-    DataError and RewardError are taken from sys.modules: neither can be raised before its module is
-    loaded, and importing them here would load the reward plugins before the config is parsed.
+    DataError, RewardError, EnvError and SandboxError are taken from sys.modules: none can be raised before
+    its module is loaded, and importing them here would load the plugins before the config is parsed.
     """
     types: list[type[Exception]] = [ConfigError]
-    for module, name in (("rlstack.data.sources", "DataError"), ("rlstack.rewards.registry", "RewardError")):
+    for module, name in (
+        ("rlstack.data.sources", "DataError"),
+        ("rlstack.rewards.registry", "RewardError"),
+        ("rlstack.envs.environment", "EnvError"),
+        ("rlstack.envs.sandbox", "SandboxError"),
+    ):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs log-prob difference allowed")
     p.set_defaults(handler=cmd_model_check)
 
+    envs = sub.add_parser("envs", help="tool environments").add_subparsers(metavar="ACTION")
+    p = envs.add_parser("list", help="registered environments: in-tree and from installed entry points")
+    p.set_defaults(handler=cmd_envs_list)
+
     sandbox = sub.add_parser(
         "sandbox", help="the sandboxes that run model-written code: set them up, check them"
     ).add_subparsers(metavar="ACTION")
@@ -144,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="make this host run the strict sandboxes (root, idempotent): apt-get install what is missing of "
         "docker.io, bubblewrap and debootstrap; start dockerd if no Docker engine answers; build the Docker "
         "image if it is missing; print which backends can run",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("all", "bubblewrap"),
+        default="all",
+        help="'bubblewrap': only what the bubblewrap backend needs (no Docker engine, no image), e.g. for "
+        "the tool demo",
     )
     p.set_defaults(handler=cmd_sandbox_setup)
     p = sandbox.add_parser(
@@ -164,6 +180,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     from rlstack.rewards.registry import validate_specs
 
     validate_specs(config.rewards)  # names, import paths and options resolve
+    if config.env is not None:  # the environment found, its options valid, one instance checked
+        from rlstack.envs.registry import env_tool_schemas
+
+        env_tool_schemas(config.env)
     if config.data.path is not None:  # a bad row or column mapping fails here, not after Ray starts
         load_split(config.data, "train")
     if args.out:
@@ -285,6 +305,14 @@ def print_eval_table(before: dict | None, after: dict) -> None:
         counts = [int(d.get(key, 0)) for d in (before, after) if d]
         if any(counts):
             print(f"{mode + ' unscored':<18}" + "".join(f"{c:>10d}" for c in counts))
+
+
+def cmd_envs_list(args: argparse.Namespace) -> int:
+    from rlstack.envs.registry import list_envs
+
+    for name, origin in list_envs().items():
+        print(f"{name:<20}{origin}")
+    return 0
 
 
 def cmd_rewards_list(args: argparse.Namespace) -> int:
@@ -413,14 +441,18 @@ def cmd_model_check(args: argparse.Namespace) -> int:
 def cmd_sandbox_setup(args: argparse.Namespace) -> int:
     import time
 
-    from rlstack.envs.docker import DOCKERD_PIDFILE, install_host_packages, start_engine
+    from rlstack.envs.docker import BUBBLEWRAP_PACKAGES, DOCKERD_PIDFILE, install_host_packages, start_engine
     from rlstack.envs.image import build_image, default_image, image_present
     from rlstack.envs.sandbox import SandboxError
 
     start = time.monotonic()
+    only_bubblewrap = args.backend == "bubblewrap"
     try:
-        installed = install_host_packages()
+        installed = install_host_packages(packages=BUBBLEWRAP_PACKAGES if only_bubblewrap else None)
         print(f"installed {', '.join(installed)}" if installed else "packages: all installed already")
+        if only_bubblewrap:
+            print(f"sandbox setup (bubblewrap) done in {time.monotonic() - start:.0f} s")
+            return 0 if print_sandbox_table().get("bubblewrap", "?") is None else 1
         pid = start_engine()
         print(
             f"started dockerd, pid {pid} (in {DOCKERD_PIDFILE})" if pid else "Docker engine: running already"

@@ -68,8 +68,7 @@ class Trainer:
         if resume_from is not None:
             check_resume_config(self.run_dir, cfg, allow_config_change)
         validate_specs(cfg.rewards)
-        if cfg.env is not None:
-            check_env(cfg)
+        self.tools = check_env(cfg)  # the environment's tool schemas, for the chat template
         self.source = PromptSource.from_config(cfg.data)
         self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
 
@@ -242,7 +241,8 @@ class Trainer:
         from rlstack.data.prompts import rollout_prompt
 
         prompts = [
-            rollout_prompt(self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}") for i, r in enumerate(rows)
+            rollout_prompt(self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}", self.tools)
+            for i, r in enumerate(rows)
         ]
         # A seed per step: a resumed run samples exactly what the original would have.
         sampling = self.cfg.rollout.sampling.model_copy(

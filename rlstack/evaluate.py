@@ -27,8 +27,10 @@ def accuracy(
     `env:` also each mode's tool-call rate and turns per problem, and both modes without the tool
     (`<mode>_notool_accuracy`: single turns, a tool call is not run)."""
     from rlstack.data.prompts import rollout_prompt
+    from rlstack.envs.registry import env_tool_schemas
 
-    prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}") for row in rows]
+    schemas = env_tool_schemas(cfg.env)
+    prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}", schemas) for row in rows]
     max_tokens = cfg.rollout.sampling.max_tokens
     modes = {
         "greedy": SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens),

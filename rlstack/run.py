@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from rlstack.config import RunConfig
 
@@ -77,14 +78,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINTS / marker.read_text().strip()
 
 
-def check_env(cfg: RunConfig) -> None:
+def check_env(cfg: RunConfig) -> list[dict[str, Any]] | None:
     """Check a run's `env:` before anything starts: the environment found, its options valid, one instance
-    built and checked (reset, tool schemas), and the sandbox its tools need present on this host."""
+    built and checked (reset, tool schemas), and the sandbox its tools need present on this host. Returns
+    the tools' JSON schemas (None without an `env:`)."""
     if cfg.env is None:
-        return
+        return None
     from rlstack.envs.backends import resolve_backend
-    from rlstack.envs.registry import env_factory, env_uses_sandbox
+    from rlstack.envs.registry import env_tool_schemas, env_uses_sandbox
 
-    env_factory(cfg.env)
     if env_uses_sandbox(cfg.env):
         resolve_backend(cfg.sandbox)
+    return env_tool_schemas(cfg.env)

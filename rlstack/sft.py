@@ -87,3 +87,39 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
 
             ray.shutdown()
     return out_dir
+
+
+def memorize(
+    checkpoint: Path, episodes: list[tuple[str, list[dict[str, Any]]]], max_steps: int = 300
+) -> float:
+    """Teach the policy at `checkpoint` (in place, plain PyTorch, one process) to act out a few fixed
+    episodes, each (user prompt, assistant/tool messages), until it repeats them: fixtures for tests and
+    benchmarks that need a real engine to write real tool calls. Returns the final loss (mean NLL of the
+    model tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlstack.envs.tool_calls import demonstration_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    sequences = []
+    for prompt, messages in episodes:
+        prompt_ids = tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+        response, mask = demonstration_tokens(tokenizer, messages)
+        targets = [-100] * len(prompt_ids) + [t if m else -100 for t, m in zip(response, mask, strict=True)]
+        sequences.append((prompt_ids + response, targets))
+    length = max(len(ids) for ids, _ in sequences)
+    ids = torch.tensor([s + [0] * (length - len(s)) for s, _ in sequences])  # (E, L)
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in sequences])  # (E, L)
+    attention = (torch.arange(length)[None] < torch.tensor([len(s) for s, _ in sequences])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss = torch.tensor(float("inf"))
+    for _ in range(max_steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    model.save_pretrained(checkpoint)
+    return loss.item()

@@ -57,20 +57,24 @@ def prompt_key(prompt: PromptValue) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def render_prompt(tokenizer: Any, prompt: PromptValue) -> str:
+def render_prompt(tokenizer: Any, prompt: PromptValue, tools: list[dict[str, Any]] | None = None) -> str:
     """The policy's input text: the chat template over the conversation (a string is one user message),
-    ending with the generation prompt of the assistant's turn."""
+    ending with the generation prompt of the assistant's turn. `tools`: the JSON schemas of the episode's
+    tools, for templates that render them (the tiny model's does not)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
 
-def rollout_prompt(tokenizer: Any, row: Mapping[str, Any], prompt_id: str) -> Prompt:
-    """The rollout `Prompt` of a data row: its rendered text, and as columns the row's other fields plus its
-    original prompt under `PROMPT_COLUMN` (for the reward call)."""
+def rollout_prompt(
+    tokenizer: Any, row: Mapping[str, Any], prompt_id: str, tools: list[dict[str, Any]] | None = None
+) -> Prompt:
+    """The rollout `Prompt` of a data row: its rendered text (with `tools`' schemas), and as columns the
+    row's other fields plus its original prompt under `PROMPT_COLUMN` (for the reward call)."""
     from rlstack.rollout.worker import Prompt
 
     columns = {k: v for k, v in row.items() if k not in ROW_ONLY}
-    return Prompt(prompt_id=prompt_id, text=render_prompt(tokenizer, row["prompt"]), columns=columns)
+    text = render_prompt(tokenizer, row["prompt"], tools)
+    return Prompt(prompt_id=prompt_id, text=text, columns=columns)
 
 
 def reward_prompt(columns: Mapping[str, Any], rendered: str) -> tuple[PromptValue, dict[str, Any]]:

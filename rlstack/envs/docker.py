@@ -730,9 +730,17 @@ def engine_answers() -> bool:
         client.close()
 
 
-def install_host_packages(log: Callable[[str], None] = print) -> list[str]:
-    """apt-get install the missing ones of HOST_PACKAGES (root); returns those it installed."""
-    missing = [package for package, program in HOST_PACKAGES.items() if shutil.which(program) is None]
+BUBBLEWRAP_PACKAGES = ("bubblewrap", "util-linux")
+"""What the bubblewrap backend alone needs (`rlstack sandbox setup --backend bubblewrap`)."""
+
+
+def install_host_packages(
+    log: Callable[[str], None] = print, packages: Sequence[str] | None = None
+) -> list[str]:
+    """apt-get install the missing ones of `packages` (default: all of HOST_PACKAGES; root); returns those
+    it installed."""
+    wanted = HOST_PACKAGES if packages is None else {p: HOST_PACKAGES[p] for p in packages}
+    missing = [package for package, program in wanted.items() if shutil.which(program) is None]
     if not missing:
         return []
     if os.geteuid() != 0 or shutil.which("apt-get") is None:

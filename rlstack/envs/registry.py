@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from rlstack.envs.config import EnvConfig
-from rlstack.envs.environment import EnvError, check_environment
+from rlstack.envs.environment import EnvError, check_environment, tool_schemas
 from rlstack.plugins import entry_points_by_name, import_object, load_entry_point
 
 ENTRY_POINT_GROUP = "rlstack.envs"
@@ -96,6 +96,17 @@ def env_factory(config: EnvConfig) -> Callable[[], Any]:
     check_environment(probe)
     close_environment(probe)
     return bound
+
+
+def env_tool_schemas(config: EnvConfig | None) -> list[dict[str, Any]] | None:
+    """The JSON schemas of an `env:` section's tools (for the chat template's `tools=`); None without one."""
+    if config is None:
+        return None
+    env = env_factory(config)()
+    try:
+        return tool_schemas(env)
+    finally:
+        close_environment(env)
 
 
 def close_environment(env: Any) -> None:

@@ -32,8 +32,17 @@ WORDS = (
     "the",
     "for",
     "so",
+    # tool calls (rlstack.envs.tool_calls): the fixed parts of a call as a few tokens, as BPE vocabularies
+    # have them, so that a tool call costs ~20 tokens plus its code, not ~60
+    "<tool_call>",
+    "</tool_call>",
+    '"name":',
+    '"arguments":',
+    '"code":',
+    "python",
+    "print",
 )
-CHARS = string.digits + string.ascii_letters + "+-*/=()[]{}<>^.,:;?!_\\'\"%$&|# \n"
+CHARS = string.digits + string.ascii_letters + "+-*/=()[]{}<>^.,:;?!_\\'\"%$&|# \n`"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"

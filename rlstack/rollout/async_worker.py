@@ -83,7 +83,8 @@ class AsyncRolloutWorker(AsyncEngineRPC):
         try:
             call = next(self._calls)
             if self.episodes is not None and tools:
-                render = lambda p, obs: observation_prompt_ids(p, obs, self.tokenizer)  # noqa: E731
+                schemas = self.episodes.tools
+                render = lambda p, obs: observation_prompt_ids(p, obs, self.tokenizer, schemas)  # noqa: E731
                 episodes = self.episodes.start(prompts, sampling.n, render)
                 runs = [self._episode(e, i, sampling, call) for i, e in enumerate(episodes)]
                 await asyncio.gather(*runs)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlstack.envs.config import EnvConfig
-from rlstack.envs.environment import env_name, reset_environment, tool_methods
+from rlstack.envs.environment import env_name, reset_environment, tool_methods, tool_schemas
 from rlstack.envs.registry import close_environment
 from rlstack.envs.sandbox import SandboxError
 from rlstack.envs.tool_calls import ToolCall, ToolOutcome, call_tool, parse_tool_calls, tool_suffix_ids
@@ -165,6 +165,10 @@ class EpisodeRunner:
         self.tokenizer = tokenizer
         self.limit = min(config.max_total_tokens or max_model_len, max_model_len)
         self.pool = ThreadPoolExecutor(config.pool_size, thread_name_prefix="rlstack-env")
+        probe = factory()
+        self.tools: list[dict[str, Any]] = tool_schemas(probe)
+        """The tools' JSON schemas (for re-rendering a prompt with a `reset()` observation)."""
+        close_environment(probe)
 
     def start(
         self, prompts: Sequence[Prompt], n: int, render: Callable[[Prompt, str], list[int]]

@@ -114,7 +114,8 @@ class RolloutWorker(EngineRPC):
         return prompt_ids(prompt, self.tokenizer)
 
     def _render(self, prompt: Prompt, observation: str) -> list[int]:
-        return observation_prompt_ids(prompt, observation, self.tokenizer)
+        assert self.episodes is not None
+        return observation_prompt_ids(prompt, observation, self.tokenizer, self.episodes.tools)
 
     def _turns(self, episodes: list[Episode], turn: int, sampling: SamplingConfig) -> list[Turn]:
         """One batched engine call: the next turn of every given episode."""
@@ -141,8 +142,11 @@ def episode_runner(
     return EpisodeRunner(env_factory(env), env, tokenizer, max_model_len)
 
 
-def observation_prompt_ids(prompt: Prompt, observation: str, tokenizer: Any) -> list[int]:
-    """The prompt re-rendered with a `reset()` observation appended to its last user message."""
+def observation_prompt_ids(
+    prompt: Prompt, observation: str, tokenizer: Any, tools: list[dict[str, Any]] | None
+) -> list[int]:
+    """The prompt re-rendered (with the tools' schemas) and a `reset()` observation appended to its last
+    user message."""
     from rlstack.data.prompts import PROMPT_COLUMN, render_prompt, with_observation
 
     if PROMPT_COLUMN not in prompt.columns:
@@ -150,7 +154,7 @@ def observation_prompt_ids(prompt: Prompt, observation: str, tokenizer: Any) -> 
             f"prompt {prompt.prompt_id!r}: the environment's reset() returned an observation, but the prompt "
             f"has no '{PROMPT_COLUMN}' column to append it to"
         )
-    text = render_prompt(tokenizer, with_observation(prompt.columns[PROMPT_COLUMN], observation))  # type: ignore[arg-type]
+    text = render_prompt(tokenizer, with_observation(prompt.columns[PROMPT_COLUMN], observation), tools)  # type: ignore[arg-type]
     return tokenizer.encode(text, add_special_tokens=False)
 
 

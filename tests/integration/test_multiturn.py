@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from rlstack.data.prompts import render_prompt, rollout_prompt
+from rlstack.data.prompts import rollout_prompt
 from rlstack.envs.config import EnvConfig, SandboxConfig
-from rlstack.envs.tool_calls import ToolOutcome, demonstration_tokens, tool_suffix_ids
+from rlstack.envs.tool_calls import ToolOutcome, tool_suffix_ids
 from rlstack.learner.batch import collate
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
 from rlstack.model import Step3p5ForCausalLM, init_checkpoint, tiny
@@ -26,6 +26,7 @@ from rlstack.rewards.group import RewardGroup
 from rlstack.rewards.scoring import score_rollouts
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.worker import RolloutWorker
+from rlstack.sft import memorize
 from rlstack.types import Rollout
 
 pytestmark = [pytest.mark.vllm, pytest.mark.bubblewrap]
@@ -59,31 +60,9 @@ SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=100, seed=3)
 @pytest.fixture(scope="module")
 def tool_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny policy after memorising both episodes (cross-entropy on the model tokens only)."""
-    from rlstack.model.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
     path = init_checkpoint(tiny(), tmp_path_factory.mktemp("tool_policy"), seed=0)
-    model = Step3p5ForCausalLM.from_pretrained(path, dtype=torch.float32)
-    sequences = []
-    for prompt, messages in (PYTHON_EPISODE, CALCULATOR_EPISODE):
-        prompt_ids = tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
-        response, mask = demonstration_tokens(tokenizer, messages)
-        labels = [-100] * len(prompt_ids) + [t if m else -100 for t, m in zip(response, mask, strict=True)]
-        sequences.append((prompt_ids + response, labels))
-    length = max(len(ids) for ids, _ in sequences)
-    ids = torch.tensor([s + [0] * (length - len(s)) for s, _ in sequences])  # (2, L)
-    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in sequences])  # (2, L)
-    attention = (torch.arange(length)[None] < torch.tensor([len(s) for s, _ in sequences])[:, None]).long()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 1e-3:
-            break
-    assert loss.item() < 1e-2, f"the tiny policy did not learn the episodes (loss {loss.item():.3g})"
-    model.save_pretrained(path)
+    loss = memorize(path, [PYTHON_EPISODE, CALCULATOR_EPISODE])
+    assert loss < 1e-2, f"the tiny policy did not learn the episodes (loss {loss:.3g})"
     return path
 
 

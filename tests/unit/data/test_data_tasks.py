@@ -16,10 +16,10 @@ TASK_NAMES = ["arithmetic", "linear", "multistep", "preference", "puzzle"]
 
 
 def test_registry_lists_tasks_and_refuses_duplicates() -> None:
-    assert sorted(TASKS) == TASK_NAMES
+    assert sorted(TASKS) == sorted([*TASK_NAMES, "code", "python_tool"])
     with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         register_task(TaskGenerator("arithmetic", lambda rng: Problem("k", "p", "1", "s"), "dup"))
-    with pytest.raises(ValueError, match="unknown task 'calculus'; built-in tasks: arithmetic, linear"):
+    with pytest.raises(ValueError, match="unknown task 'calculus'; built-in tasks: arithmetic, code, linear"):
         generate_rows("calculus", "train", 1)
     with pytest.raises(ValueError, match="unknown split 'test'"):
         generate_rows("arithmetic", "test", 1)  # type: ignore[arg-type]

@@ -190,7 +190,8 @@ def test_factory_is_called_once_per_scoring_process_with_the_options() -> None:
 
 
 def test_unknown_names_and_bad_import_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert "unknown reward 'acuracy'; available: code, genrm, math" in error([RewardSpec(name="acuracy")])
+    unknown = error([RewardSpec(name="acuracy")])
+    assert "unknown reward 'acuracy'; available: code, env, genrm, math" in unknown
     assert "import_path 'no_such_mod:f': cannot import module 'no_such_mod'" in error(
         [RewardSpec(import_path="no_such_mod:f")]
     )
