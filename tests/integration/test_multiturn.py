@@ -193,3 +193,40 @@ def _runs(mask: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((i, i + 1, m))
     return runs
+
+
+def test_async_engine_runs_each_episode_as_a_coroutine_with_the_same_tokens(
+    python_worker: RolloutWorker, tool_policy: Path
+) -> None:
+    """`engine: async`: one coroutine per episode (tools in the env pool) gives the same episodes, token for
+    token, as the sync engine's batched turns: both seed each episode's turns alike."""
+    import asyncio
+
+    from rlstack.rollout.async_worker import AsyncRolloutWorker
+
+    row = {"prompt_id": "p", "prompt": PYTHON_EPISODE[0], "answer": "43"}
+    prompt = rollout_prompt(python_worker.tokenizer, row, "p")
+    expected = python_worker.generate([prompt], SAMPLING)
+
+    async def run() -> list[Rollout]:
+        worker = AsyncRolloutWorker(
+            tool_policy,
+            RolloutConfig(max_model_len=512, kv_cache_mb=32, engine="async"),
+            env=EnvConfig(name="python_tool", max_turns=4),
+            sandbox=SandboxConfig(backend="bubblewrap"),
+        )
+        try:
+            return await worker.generate([prompt], SAMPLING)
+        finally:
+            await worker.shutdown()
+
+    got = asyncio.run(run())
+    assert [r.response_ids for r in got] == [r.response_ids for r in expected]
+    assert [r.response_mask for r in got] == [r.response_mask for r in expected]
+    assert all(r.episode is not None and r.episode.turns == 3 for r in got)
+    diff = max(
+        abs(a - b)
+        for g, e in zip(got, expected, strict=True)
+        for a, b in zip(g.response_logprobs, e.response_logprobs, strict=True)
+    )
+    assert diff < 1e-4

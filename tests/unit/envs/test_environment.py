@@ -189,3 +189,19 @@ def test_episode_limits_end_it() -> None:
     assert short.done and short.finish_reason == "length" and len(short.info.messages) == 1
     cut = Episode(Prompt("p", text="q"), [1, 2], Counter(), config, limit=512, tokenizer=TOKENIZER)
     assert cut.add_turn(_turn(call[:-3], finish="length")) == [] and cut.finish_reason == "length"
+
+
+def test_python_tool_runs_programs_in_the_run_sandbox() -> None:
+    from rlstack.envs.backends import configure
+    from rlstack.envs.config import SandboxConfig
+    from rlstack.envs.python_tool import PythonTool
+
+    configure(SandboxConfig(backend="process", strict=False))  # the test's opt-in; the demo uses bubblewrap
+    try:
+        tool = PythonTool(time_limit_s=2.0, max_output_chars=40)
+        assert tool.python("print(4821*397)") == "1913937\n"
+        assert tool.python("print(1/0)").startswith("exit 1: ZeroDivisionError")
+        assert tool.python("while True: pass").startswith("timeout after")
+        assert tool.python("print('x' * 100)").endswith("[... 101 characters in all]")
+    finally:
+        configure(SandboxConfig())
