@@ -282,11 +282,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def print_eval_table(before: dict | None, after: dict) -> None:
     n = int(after["num_problems"])
     print(f"\nheld-out accuracy ({n} problems)")
-    print(f"{'':<10}{'before':>10}{'after':>10}" if before else f"{'':<10}{'accuracy':>10}")
     modes = ["greedy", "sampled"]
     if "greedy_notool_accuracy" in after:  # a run with a tool environment: also without the tool
         modes += ["greedy_notool", "sampled_notool"]
-    width = max(len(m) for m in modes) + 2 if len(modes) > 2 else 10
+    width = 18 if len(modes) > 2 else 10
+    print(f"{'':<{width}}{'before':>10}{'after':>10}" if before else f"{'':<{width}}{'accuracy':>10}")
     for mode in modes:
         key = f"{mode}_accuracy"
         cells = f"{before[key]:>10.1%}{after[key]:>10.1%}" if before else f"{after[key]:>10.1%}"
