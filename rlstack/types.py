@@ -15,6 +15,17 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass
+class Prompt:
+    """One prompt to sample from (the rollout workers' input). `token_ids` wins over `text` when both are
+    given; `columns` are the data row's other fields (reward columns, an environment's `reset(**row)`)."""
+
+    prompt_id: str
+    text: str = ""
+    token_ids: list[int] | None = None
+    columns: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
 class EpisodeInfo:
     """What a multi-turn episode did besides its tokens (rollout.multiturn)."""
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from rlstack.rollout.worker import Prompt
+from rlstack.types import Prompt
 
 PromptValue = str | list[dict[str, Any]]
 """A row's prompt: a string, or a conversation (a list of {"role", "content", ...} messages)."""
@@ -70,8 +69,6 @@ def rollout_prompt(
 ) -> Prompt:
     """The rollout `Prompt` of a data row: its rendered text (with `tools`' schemas), and as columns the
     row's other fields plus its original prompt under `PROMPT_COLUMN` (for the reward call)."""
-    from rlstack.rollout.worker import Prompt
-
     columns = {k: v for k, v in row.items() if k not in ROW_ONLY}
     text = render_prompt(tokenizer, row["prompt"], tools)
     return Prompt(prompt_id=prompt_id, text=text, columns=columns)
@@ -91,3 +88,25 @@ def with_observation(prompt: PromptValue, observation: str) -> PromptValue:
         return prompt + observation
     last = prompt[-1]
     return [*prompt[:-1], {**last, "content": str(last.get("content", "")) + observation}]
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Any) -> list[int]:
+    if prompt.token_ids is not None:
+        return list(prompt.token_ids)
+    if not prompt.text:
+        raise ValueError(f"prompt {prompt.prompt_id!r} has neither text nor token_ids")
+    return tokenizer.encode(prompt.text, add_special_tokens=False)
+
+
+def observation_prompt_ids(
+    prompt: Prompt, observation: str, tokenizer: Any, tools: list[dict[str, Any]] | None
+) -> list[int]:
+    """The prompt re-rendered (with the tools' schemas) and a `reset()` observation appended to its last
+    user message."""
+    if PROMPT_COLUMN not in prompt.columns:
+        raise ValueError(
+            f"prompt {prompt.prompt_id!r}: the environment's reset() returned an observation, but the prompt "
+            f"has no '{PROMPT_COLUMN}' column to append it to"
+        )
+    text = render_prompt(tokenizer, with_observation(prompt.columns[PROMPT_COLUMN], observation), tools)  # type: ignore[arg-type]
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlstack.data.prompts import observation_prompt_ids, prompt_ids
 from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.envs.sandbox import SandboxError
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
@@ -32,8 +33,6 @@ from rlstack.rollout.worker import (
     Prompt,
     engine_settings,
     episode_runner,
-    observation_prompt_ids,
-    prompt_ids,
     sampling_params,
     to_rollouts,
     to_turn,

@@ -19,17 +19,15 @@ import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from rlstack.data.prompts import prompt_ids
 from rlstack.envs.config import EnvConfig
 from rlstack.envs.environment import env_name, reset_environment, tool_methods, tool_schemas
 from rlstack.envs.registry import close_environment
 from rlstack.envs.sandbox import SandboxError
 from rlstack.envs.tool_calls import ToolCall, ToolOutcome, call_tool, parse_tool_calls, tool_suffix_ids
-from rlstack.types import EpisodeInfo, FinishReason, Rollout
-
-if TYPE_CHECKING:
-    from rlstack.rollout.worker import Prompt
+from rlstack.types import EpisodeInfo, FinishReason, Prompt, Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +174,6 @@ class EpisodeRunner:
         """`n` episodes per prompt, grouped by prompt, each with a fresh, reset environment instance.
         `render(prompt, observation)` gives the prompt ids with a `reset` observation appended to the
         last user message."""
-        from rlstack.rollout.worker import prompt_ids
-
         episodes = []
         for prompt in prompts:
             for _ in range(n):

@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlstack.data.prompts import observation_prompt_ids, prompt_ids
 from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 from rlstack.rollout.sync.engine_rpc import EngineRPC
-from rlstack.types import FinishReason, Rollout
+from rlstack.types import FinishReason, Prompt, Rollout
 
 if TYPE_CHECKING:
     from rlstack.rollout.multiturn import Episode, EpisodeRunner, Turn
-
-
-@dataclass
-class Prompt:
-    """One prompt to sample from. `token_ids` wins over `text` when both are given."""
-
-    prompt_id: str
-    text: str = ""
-    token_ids: list[int] | None = None
-    columns: dict[str, object] = field(default_factory=dict)
 
 
 def engine_settings(config: RolloutConfig) -> EngineSettings:
@@ -142,22 +132,6 @@ def episode_runner(
     return EpisodeRunner(env_factory(env), env, tokenizer, max_model_len)
 
 
-def observation_prompt_ids(
-    prompt: Prompt, observation: str, tokenizer: Any, tools: list[dict[str, Any]] | None
-) -> list[int]:
-    """The prompt re-rendered (with the tools' schemas) and a `reset()` observation appended to its last
-    user message."""
-    from rlstack.data.prompts import PROMPT_COLUMN, render_prompt, with_observation
-
-    if PROMPT_COLUMN not in prompt.columns:
-        raise ValueError(
-            f"prompt {prompt.prompt_id!r}: the environment's reset() returned an observation, but the prompt "
-            f"has no '{PROMPT_COLUMN}' column to append it to"
-        )
-    text = render_prompt(tokenizer, with_observation(prompt.columns[PROMPT_COLUMN], observation), tools)  # type: ignore[arg-type]
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def turn_params(sampling: SamplingConfig, episode: Episode, index: int, turn: int) -> Any:
     """Sampling parameters of one episode's next turn: one response, at most the room it has left, seeded
     by the episode's index in the call and the turn."""
@@ -223,14 +197,6 @@ def to_rollouts(prompt: Prompt, out: Any, version: int) -> list[Rollout]:
             )
         )
     return rollouts
-
-
-def prompt_ids(prompt: Prompt, tokenizer: Any) -> list[int]:
-    if prompt.token_ids is not None:
-        return list(prompt.token_ids)
-    if not prompt.text:
-        raise ValueError(f"prompt {prompt.prompt_id!r} has neither text nor token_ids")
-    return tokenizer.encode(prompt.text, add_special_tokens=False)
 
 
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}

@@ -157,33 +157,6 @@ def test_three_turn_python_tool_episode_is_token_in_token_out(
     assert diff < 1e-3, f"learner vs vLLM log-probs differ by {diff:.2e} on model tokens"
 
 
-def test_trl_environment_and_reward_run_unchanged(tool_policy: Path) -> None:
-    """tests/integration/trl_envs.py is TRL code (no rlstack import): its tools run, get_reward() scores
-    through the `env` reward, and its reward function gets `environments=` and the message completions."""
-    for worker in _worker(tool_policy, EnvConfig(import_path="trl_envs:CalculatorEnv")):
-        row = {"prompt_id": "c", "prompt": CALCULATOR_EPISODE[0], "answer": "408"}
-        rollouts: list[Rollout] = worker.generate([rollout_prompt(worker.tokenizer, row, "c")], SAMPLING)
-        for r in rollouts:
-            assert r.episode is not None and (r.episode.turns, r.episode.tool_calls) == (2, 1)
-            assert r.episode.messages[1] == {"role": "tool", "name": "multiply", "content": "408"}
-            assert r.episode.environment.products == [408]  # the instance after the episode
-        rewards = RewardGroup.in_process(
-            [
-                RewardSpec(name="env"),
-                RewardSpec(import_path="trl_envs:answer_matches_tool"),
-                RewardSpec(name="math"),
-            ],
-            RewardWorkersConfig(),
-        )
-        try:
-            result = score_rollouts(rewards, rollouts)
-        finally:
-            rewards.shutdown()
-        assert result.per_reward["env"] == [1.0, 1.0]
-        assert result.per_reward["trl_envs:answer_matches_tool"] == [1.0, 1.0]
-        assert result.per_reward["math"] == [1.0, 1.0]
-
-
 def _runs(mask: list[int]) -> list[tuple[int, int, int]]:
     """Maximal runs of equal mask values: (start, end, value)."""
     runs: list[tuple[int, int, int]] = []
@@ -230,3 +203,32 @@ def test_async_engine_runs_each_episode_as_a_coroutine_with_the_same_tokens(
         for a, b in zip(g.response_logprobs, e.response_logprobs, strict=True)
     )
     assert diff < 1e-4
+
+
+# Last: a second in-process engine, once closed, takes vLLM's process-wide parallel state with it, so
+# `python_worker` cannot generate after this test.
+def test_trl_environment_and_reward_run_unchanged(tool_policy: Path) -> None:
+    """tests/integration/trl_envs.py is TRL code (no rlstack import): its tools run, get_reward() scores
+    through the `env` reward, and its reward function gets `environments=` and the message completions."""
+    for worker in _worker(tool_policy, EnvConfig(import_path="trl_envs:CalculatorEnv")):
+        row = {"prompt_id": "c", "prompt": CALCULATOR_EPISODE[0], "answer": "408"}
+        rollouts: list[Rollout] = worker.generate([rollout_prompt(worker.tokenizer, row, "c")], SAMPLING)
+        for r in rollouts:
+            assert r.episode is not None and (r.episode.turns, r.episode.tool_calls) == (2, 1)
+            assert r.episode.messages[1] == {"role": "tool", "name": "multiply", "content": "408"}
+            assert r.episode.environment.products == [408]  # the instance after the episode
+        rewards = RewardGroup.in_process(
+            [
+                RewardSpec(name="env"),
+                RewardSpec(import_path="trl_envs:answer_matches_tool"),
+                RewardSpec(name="math"),
+            ],
+            RewardWorkersConfig(),
+        )
+        try:
+            result = score_rollouts(rewards, rollouts)
+        finally:
+            rewards.shutdown()
+        assert result.per_reward["env"] == [1.0, 1.0]
+        assert result.per_reward["trl_envs:answer_matches_tool"] == [1.0, 1.0]
+        assert result.per_reward["math"] == [1.0, 1.0]
