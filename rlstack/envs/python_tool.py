@@ -2,8 +2,8 @@
 
 Each call runs the code as a fresh program in the sandbox (`sandbox:` section: bubblewrap or Docker in
 strict mode) and answers what it printed, or how it failed. A fresh run per call keeps calls independent
-(no state carried between them) and costs one sandbox start: about 40 ms with bubblewrap, 0.3 s with
-Docker's warm pool (README, "Sandboxes").
+(no state carried between them) and costs one sandbox start: about 20 ms with bubblewrap, 0.12-0.21 s
+with Docker (benchmarks/sandbox.py).
 """
 
 from __future__ import annotations
