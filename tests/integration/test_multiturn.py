@@ -232,3 +232,53 @@ def test_trl_environment_and_reward_run_unchanged(tool_policy: Path) -> None:
         assert result.per_reward["env"] == [1.0, 1.0]
         assert result.per_reward["trl_envs:answer_matches_tool"] == [1.0, 1.0]
         assert result.per_reward["math"] == [1.0, 1.0]
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_trainer_trains_multi_turn_episodes_with_tool_tokens_out_of_the_loss(
+    tool_policy: Path, tmp_path: Path
+) -> None:
+    """Two RL steps of the real loop (Ray, DeepSpeed learner, vLLM actor, bubblewrap) on `python_tool`
+    episodes: tool tokens reach the learner unmasked in attention but out of the loss, the step logs the
+    env metrics, and evaluation reports tool use and the no-tool accuracy."""
+    from rlstack.config import RunConfig
+    from rlstack.driver import Trainer
+
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"path": str(tool_policy)},
+            "data": {"task": "python_tool"},
+            "trainer": {
+                "run_dir": str(tmp_path / "run"),
+                "steps": 2,
+                "prompts_per_step": 4,
+                "tensorboard": False,
+            },
+            "rollout": {"sampling": {"n": 4, "max_tokens": 64}, "max_model_len": 320},
+            "env": {"name": "python_tool", "max_turns": 3},
+            "sandbox": {"backend": "bubblewrap"},
+            "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-4},
+            "eval": {"num_problems": 4, "samples": 1},
+        }
+    )
+    batches = []
+    with Trainer(cfg) as trainer:
+        tool_token = trainer.tokenizer.convert_tokens_to_ids("<|tool|>")
+        train = trainer.learner.train
+
+        def recording_train(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            batches.append(batch)
+            return train(batch, *args, **kwargs)
+
+        trainer.learner.train = recording_train  # type: ignore[method-assign]
+        steps = [trainer.step() for _ in range(2)]
+        evaluation = trainer.evaluate()
+    for metrics, batch in zip(steps, batches, strict=True):
+        assert metrics["env/tool_calls_mean"] > 0 and 0 < metrics["env/tool_token_frac"] < 1, metrics
+        assert metrics["env/failed_episodes"] == 0
+        at_tool = batch.input_ids == tool_token  # (B, L) the first token of every tool result
+        assert at_tool.any() and (batch.loss_mask[at_tool] == 0).all()
+        assert (batch.attention_mask[at_tool] == 1).all()
+        assert metrics["batch/tokens"] == batch.loss_mask.sum().item()  # the model's tokens only trained
+    assert {"greedy_tool_call_rate", "sampled_turns_mean", "greedy_notool_accuracy"} <= set(evaluation)
