@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from rlstack.data.code_tasks import CODE_TEMPLATES, CODE_TESTS
 from rlstack.data.sources import DEFAULT_TASK_TRAIN_SIZE
-from rlstack.data.tasks import CODE_TEMPLATES, CODE_TESTS, TASKS, generate_rows
+from rlstack.data.tasks import TASKS, generate_rows
 from rlstack.envs import backends
 from rlstack.envs.config import SandboxConfig
 from rlstack.model.tokenizer import CHARS
