@@ -441,7 +441,12 @@ def cmd_model_check(args: argparse.Namespace) -> int:
 def cmd_sandbox_setup(args: argparse.Namespace) -> int:
     import time
 
-    from rlstack.envs.docker import BUBBLEWRAP_PACKAGES, DOCKERD_PIDFILE, install_host_packages, start_engine
+    from rlstack.envs.host_setup import (
+        BUBBLEWRAP_PACKAGES,
+        DOCKERD_PIDFILE,
+        install_host_packages,
+        start_engine,
+    )
     from rlstack.envs.image import build_image, default_image, image_present
     from rlstack.envs.sandbox import SandboxError
 
