@@ -93,7 +93,7 @@ class Trainer:
     def _start(
         self, policy: Path, initial: Path, resume_from: Path | None, driver_state: dict[str, Any] | None
     ) -> None:
-        from rlstack.metrics import MetricsSink, archive_previous_run, truncate_metrics
+        from rlstack.metrics import EXPERT_LOAD, MetricsSink, archive_previous_run, truncate_metrics
         from rlstack.rewards.group import RewardGroup
         from rlstack.rollout.sync.push import attach
 
@@ -104,7 +104,9 @@ class Trainer:
         self.samples_path = self.run_dir / "samples" / "rollouts.jsonl"
         self.samples_path.parent.mkdir(exist_ok=True)
         if resume_from is None:
-            archive_previous_run([self.run_dir / "metrics.jsonl", self.samples_path])
+            archive_previous_run(
+                [self.run_dir / "metrics.jsonl", self.run_dir / EXPERT_LOAD, self.samples_path]
+            )
         else:
             truncate_metrics(self.run_dir, self.step_index)
         attach(self.learner, self.rollout)  # broadcast: the learner's rank 0 gets the backend
@@ -325,7 +327,14 @@ class Trainer:
         cfg = self.cfg
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-start") as pool:
             rollout_start = pool.submit(
-                RolloutGroup, policy, cfg.rollout, version=version, env=cfg.env, sandbox=cfg.sandbox
+                RolloutGroup,
+                policy,
+                cfg.rollout,
+                version=version,
+                env=cfg.env,
+                sandbox=cfg.sandbox,
+                # routing replay and the learner's routing probes compare against the engines' routing
+                record_routing=cfg.learner.routing_replay == "rollout" or cfg.learner.moe.probe_every > 0,
             )
             try:
                 self.learner = LearnerGroup(

@@ -12,11 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+EXPERT_LOAD = "expert_load.jsonl"
+"""Per step, tokens per expert of every MoE layer: {"step": s, "load": {"<layer>": [count per expert]}}."""
+LOAD_PREFIX = "moe/load/"
+"""Metric keys `moe/load/<layer>/<expert>` (rlstack.learner.moe): the sink files them in EXPERT_LOAD, not
+in metrics.jsonl and TensorBoard (a 45-layer, 288-expert model would log 13k scalars a step)."""
+
 
 class MetricsSink:
+    """metrics.jsonl (one record per step), TensorBoard, and the expert-load table of MoE runs."""
+
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        self.load_path = run_dir / EXPERT_LOAD
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -25,6 +34,10 @@ class MetricsSink:
             self._tb = SummaryWriter(str(run_dir / "tb"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        load = {k: v for k, v in metrics.items() if k.startswith(LOAD_PREFIX)}
+        if load:
+            metrics = {k: v for k, v in metrics.items() if k not in load}
+            self._log_load(step, load)
         record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a killed run keeps every step it finished
@@ -33,6 +46,15 @@ class MetricsSink:
                 if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    def _log_load(self, step: int, load: dict[str, Any]) -> None:
+        layers: dict[str, dict[int, float]] = {}
+        for key, value in load.items():
+            layer, expert = key[len(LOAD_PREFIX) :].split("/")
+            layers.setdefault(layer, {})[int(expert)] = _plain(value)
+        table = {layer: [row[e] for e in sorted(row)] for layer, row in layers.items()}
+        with self.load_path.open("a") as f:
+            f.write(json.dumps({"step": step, "load": table}) + "\n")
 
     def close(self) -> None:
         self._file.close()
@@ -56,10 +78,11 @@ def archive_previous_run(paths: list[Path]) -> None:
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop records after `last_step` (a resumed run rewrites the steps it redoes)."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        keep = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    for path in (run_dir / "metrics.jsonl", run_dir / EXPERT_LOAD):
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            keep = [r for r in records if r["step"] <= last_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlstack.mispo.filters import FilterResult
@@ -33,6 +34,8 @@ _TOKEN_FIELDS = (
     "ref_logp",
     "returns",
     "token_versions",
+    "rollout_experts",
+    "replay_experts",
 )
 _SEQ_FIELDS = ("rewards", "group_ids", "truncated")
 _ALL_FIELDS = (*_TOKEN_FIELDS, *_SEQ_FIELDS)
@@ -55,6 +58,9 @@ class PolicyBatch:
     ref_logp: torch.Tensor | None = None  # (B, L) log pi_ref, only for the KL penalty
     filter: FilterResult | None = None  # the step's MIS filter output for these rows, (B, L) masks
     returns: torch.Tensor | None = None  # (B, L) critic targets R_t, 0 off the loss mask (critic only)
+    rollout_experts: torch.Tensor | None = None  # (B, L, n_moe, k) int16: experts the engine used, -1 none
+    replay_experts: torch.Tensor | None = None  # (B, L, n_moe, k) int16: experts the training forward
+    # must use (routing replay: the engine's or pi_old's), -1 = the router chooses
 
     def oldest_versions(self) -> torch.Tensor:
         """(B,) long: the oldest weights version among each row's trained tokens (row max where it has
@@ -180,6 +186,28 @@ def _cat(tensors: list[torch.Tensor | None], name: str) -> torch.Tensor | None:
     return torch.cat([t for t in tensors if t is not None])
 
 
+def _collate_routes(rollouts: Sequence[Rollout], L: int) -> torch.Tensor | None:
+    """(B, L, n_moe, k) int16 of the rollouts' recorded routing (-1 where none), or None if none has any."""
+    have = [r.routed_experts is not None for r in rollouts]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = sorted({r.prompt_id for r in rollouts if r.routed_experts is None})
+        raise ValueError(
+            f"collate: {len(missing)} of {len(rollouts)} rollouts carry no routed experts (e.g. prompt "
+            f"{missing[0]}) while others do: the engines must all record routing or none"
+        )
+    first = rollouts[0].routed_experts
+    out = torch.full((len(rollouts), L, *first.shape[1:]), -1, dtype=torch.int16)
+    for b, r in enumerate(rollouts):
+        routes = np.asarray(r.routed_experts)  # (n_b, n_moe, k) compact: uint8 (255 = none) or int16 (-1)
+        wide = routes.astype(np.int16)
+        if routes.dtype.kind == "u":
+            wide[routes == np.iinfo(routes.dtype).max] = -1
+        out[b, : routes.shape[0]] = torch.from_numpy(wide)
+    return out
+
+
 def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:
     """Stack rollouts into a right-padded `PolicyBatch` (see the module docstring for positions).
 
@@ -214,6 +242,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> PolicyBatch:
             token_versions[b, p:n] = torch.tensor(r.response_versions, dtype=torch.long)
         group_of.setdefault(r.prompt_id, len(group_of))
     return PolicyBatch(
+        rollout_experts=_collate_routes(rollouts, L),
         input_ids=input_ids,
         attention_mask=attention_mask,
         loss_mask=loss_mask,

@@ -43,6 +43,30 @@ class CriticConfig(StrictModel):
         return self
 
 
+class MoEConfig(StrictModel):
+    """Mixture-of-Experts stability: load balancing and routing diagnostics (docs/moe.md)."""
+
+    balance_coef: float = Field(0.0, ge=0.0)
+    """Weight of the EP-group balanced routing loss (Step 3.5 Flash): G * sum_g f_g * P_g over the
+    `balance_groups` groups of experts, f_g the share of routed slots the group received and P_g its share of
+    the router's normalised scores, averaged over MoE layers; 1 at perfect balance. 0 = off (RL default)."""
+
+    balance_groups: int | None = Field(None, ge=1)
+    """Expert groups of the balancing loss (an expert-parallel group each); they must divide the number of
+    experts. None = one group per expert: the plain load-balance loss."""
+
+    bias_update_rate: float = Field(0.0, ge=0.0)
+    """Auxiliary-loss-free balancing: after each optimizer step every MoE layer's router selection bias moves
+    by this much toward balance, b_e += rate * sign(mean load - load_e) over the mini-batch's real tokens.
+    The bias steers which experts are chosen, never their weights; it is saved in checkpoints and pushed to
+    the engines with the weights. 0 = off (RL default; pre-training used ~1e-3)."""
+
+    probe_every: int = Field(10, ge=0)
+    """Every this many train steps, one extra no-grad forward measures routing mismatch and the log-prob gap
+    to the rollout engine with routing replay flipped (on when `routing_replay` is off, and vice versa). The
+    rollout engines record routing for it. 0 = never (and no recording unless `routing_replay: rollout`)."""
+
+
 class LearnerConfig(StrictModel):
     """How the policy is trained: DeepSpeed ZeRO over `num_ranks` Ray actors, AdamW, micro-batching."""
 
@@ -117,6 +141,16 @@ class LearnerConfig(StrictModel):
     learner and the rollout engines take turns, so the learner can use every core of its node (a 2-core
     machine: 2) though it reserves fewer Ray CPUs; in async mode they run at once and more threads than
     reserved CPUs make the two fight over cores."""
+
+    routing_replay: Literal["off", "rollout", "old"] = "off"
+    """MoE routing replay in the training forward: `rollout` (R3) uses, per token and MoE layer, the experts
+    the rollout engine chose (recorded by the engines); `old` (R2) those of the learner's own pi_old forward;
+    `off` lets the router choose. Replayed experts keep gate weights from the live router scores, so the
+    router still learns. Prompt and tool tokens replay too (the engine routed them at prefill); a response's
+    last token, never fed to the engine, routes freely (its hidden state scores nothing). docs/moe.md."""
+
+    moe: MoEConfig = MoEConfig()
+    """MoE load balancing and routing diagnostics."""
 
     critic: CriticConfig = CriticConfig()
     """Value model for critic advantages (off by default: group advantages need none)."""

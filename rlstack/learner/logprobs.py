@@ -78,6 +78,8 @@ class TokenScores:
     logp: torch.Tensor  # log p(token_t | < t), with grad if the forward had grad
     entropy: torch.Tensor | None  # entropy of the distribution token t was drawn from, detached
     routing_confidence: torch.Tensor | None  # MoE: mass of the chosen experts at position t, detached
+    router_stats: list[Any] | None = None  # MoE: the model's per-layer RoutingStats (with_routing)
+    expert_ids: torch.Tensor | None = None  # MoE: (B, T, n_moe_layers, k) experts each position used
 
 
 def sampling_logits(logits: torch.Tensor, transform: SamplingTransform | None) -> torch.Tensor:
@@ -162,14 +164,18 @@ def score_tokens(
     with_entropy: bool = True,
     with_routing: bool = True,
     transform: SamplingTransform | None = None,
+    routed_experts: torch.Tensor | None = None,
 ) -> TokenScores:
     """Forward `model` (an HF causal LM or a DeepSpeed engine wrapping one) and score every position.
 
-    input_ids, attention_mask (B, T). Routing confidence needs a model that accepts `output_router_stats`
-    (our Step3p5); it is None for other models or when `with_routing` is False. `transform`: score under
+    input_ids, attention_mask (B, T). Routing statistics need a model that accepts `output_router_stats`
+    (our Step3p5); they are None for other models or when `with_routing` is False. `transform`: score under
     the rollout's sampling distribution (see `SamplingTransform`); None or the identity is the policy.
+    `routed_experts` (B, T, n_moe_layers, k): experts to replay (-1 = free), for routing replay.
     """
-    kwargs = {"output_router_stats": True} if with_routing else {}
+    kwargs: dict[str, Any] = {"output_router_stats": True} if with_routing else {}
+    if routed_experts is not None:
+        kwargs["routed_experts"] = routed_experts
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     logits = out.logits  # type: ignore[attr-defined]  # (B, T, V)
     routing = getattr(out, "routing_confidence", None) if with_routing else None
@@ -177,6 +183,8 @@ def score_tokens(
         logp=logprobs_from_logits(logits, input_ids, transform=transform),
         entropy=entropy_from_logits(logits.detach(), transform=transform) if with_entropy else None,
         routing_confidence=None if routing is None else routing.detach().float(),
+        router_stats=getattr(out, "router_stats", None) if with_routing else None,
+        expert_ids=getattr(out, "expert_ids", None) if with_routing else None,
     )
 
 

@@ -18,17 +18,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from rlstack.learner.batch import PolicyBatch
-from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.config import MoEConfig
+from rlstack.learner.logprobs import SamplingTransform, TokenScores, score_tokens
+from rlstack.learner.moe import balance_loss, logp_gap, routing_arrays, routing_mismatch
 from rlstack.mispo import AlgorithmConfig, compute_policy_loss
 
 # Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
-SUMMED = ("actor/loss", "actor/pg_loss")
+SUMMED = ("actor/loss", "actor/pg_loss", "moe/balance_loss")
 # Token counts: they add up over micro-batches, ranks and mini-batches.
 COUNTED = ("actor/signal_tokens", "actor/nonfinite_logp_tokens")
 
@@ -105,9 +107,15 @@ class MetricSums:
 
     sums: dict[str, float] = field(default_factory=dict)
     weighted: dict[str, list[float]] = field(default_factory=dict)
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Summed float64 tensors (per-layer x per-expert token counts and the like)."""
 
     def add(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def add_array(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().double().cpu()
+        self.arrays[key] = self.arrays[key] + value if key in self.arrays else value.clone()
 
     def add_weighted(self, key: str, value: float, weight: float) -> None:
         acc = self.weighted.setdefault(key, [0.0, 0.0])
@@ -121,20 +129,28 @@ class MetricSums:
             acc = self.weighted.setdefault(k, [0.0, 0.0])
             acc[0] += vw
             acc[1] += w
+        for k, arr in other.arrays.items():
+            self.add_array(k, arr)
 
     def all_reduce(self, reducer: Reducer) -> MetricSums:
         """Sum every accumulator over ranks (every rank must hold the same keys)."""
-        keys, wkeys = sorted(self.sums), sorted(self.weighted)
-        n = len(keys) + len(wkeys)
+        keys, wkeys, akeys = sorted(self.sums), sorted(self.weighted), sorted(self.arrays)
+        n = len(keys) + len(wkeys) + sum(self.arrays[k].numel() for k in akeys)
         lo_hi = reducer.max_(torch.tensor([n, -n], dtype=torch.float64))
         if lo_hi[0] != n or -lo_hi[1] != n:
             raise RuntimeError(f"learner ranks produced different metric keys ({n} here); cannot reduce them")
         flat = [self.sums[k] for k in keys] + [x for k in wkeys for x in self.weighted[k]]
-        t = reducer.sum_(torch.tensor(flat, dtype=torch.float64))
+        arrays = [self.arrays[k].reshape(-1) for k in akeys]
+        t = reducer.sum_(torch.cat([torch.tensor(flat, dtype=torch.float64), *arrays]))
         out = MetricSums(sums={k: float(t[i]) for i, k in enumerate(keys)})
         base = len(keys)
         for i, k in enumerate(wkeys):
             out.weighted[k] = [float(t[base + 2 * i]), float(t[base + 2 * i + 1])]
+        base += 2 * len(wkeys)
+        for k in akeys:
+            size = self.arrays[k].numel()
+            out.arrays[k] = t[base : base + size].reshape(self.arrays[k].shape).clone()
+            base += size
         return out
 
     def result(self) -> dict[str, float]:
@@ -194,6 +210,8 @@ def accumulate_minibatch(
     *,
     ref_model: Callable[..., object] | None = None,
     transform: SamplingTransform | None = None,
+    moe: MoEConfig | None = None,
+    probe: bool = False,
 ) -> MetricSums:
     """Forward/backward this rank's rows of one mini-batch into `sink`; returns this rank's metric sums
     (all-reduce them for the global numbers). Gradients afterwards are exactly those of the mini-batch
@@ -207,7 +225,13 @@ def accumulate_minibatch(
 
     `ref_model` (the frozen reference policy, needed when `algo_cfg.kl_coef > 0`) scores each micro-batch
     for the KL term; `transform` is the sampling transformation (temperature, top-k/top-p) under which
-    every log-prob here (pi_theta, pi_old, pi_ref) is computed, the one the rollout engine sampled from."""
+    every log-prob here (pi_theta, pi_old, pi_ref) is computed, the one the rollout engine sampled from.
+
+    MoE (`moe`, a model with routing statistics): the training forward replays `shard.replay_experts` when
+    set; the balancing loss is added with `moe.balance_coef`; every forward's routing facts go to
+    `MetricSums.arrays` (learner.moe.health_metrics). `probe`: one extra no-grad forward per micro-batch
+    measures routing mismatch and the log-prob gap to the engine with and without replay (needs the
+    rollouts' recorded routing, `shard.rollout_experts`)."""
     check_trainable(shard, algo_cfg, old_from_forward)
     if algo_cfg.kl_coef > 0.0 and ref_model is None and shard.ref_logp is None:
         raise ValueError(
@@ -219,6 +243,8 @@ def accumulate_minibatch(
     micro = padded_micro_batches(shard, micro_batch_size, reducer)
     n_real = len(shard.chunks(micro_batch_size))
     stats = MetricSums()
+    balance_coef = moe.balance_coef if moe is not None else 0.0
+    real_tokens = float(reducer.sum_(torch.tensor([float(shard.attention_mask.sum())], dtype=torch.float64)))
     for i, mb in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
         mb = _to(mb.trim(), device or torch.device("cpu"))
@@ -233,7 +259,10 @@ def accumulate_minibatch(
                     transform=transform,
                 ).logp  # (b, l)
             mb = mb.replace(ref_logp=ref)
-        scores = score_tokens(model, mb.input_ids, mb.attention_mask, transform=transform)
+        replay = mb.replay_experts
+        scores = score_tokens(
+            model, mb.input_ids, mb.attention_mask, transform=transform, routed_experts=replay
+        )
         if from_forward:
             old_logp = torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0)
             mb = mb.replace(old_logp=old_logp)
@@ -254,9 +283,70 @@ def accumulate_minibatch(
             ref_logp=mb.ref_logp,
             entropy=scores.entropy,
         )
+        if scores.router_stats:
+            stats.merge(_routing_facts(scores, mb))
+            if balance_coef > 0.0:
+                aux = balance_loss(scores.router_stats, moe.balance_groups if moe is not None else None)
+                share = float(mb.attention_mask.sum()) / max(real_tokens, 1.0)
+                loss = loss + balance_coef * share * aux
+                stats.add("moe/balance_loss", float(aux.detach()) * share)
         sink.backward(loss * reducer.world_size)
         _collect(stats, metrics, mb, scores.routing_confidence)
+        if probe and mb.rollout_experts is not None and scores.router_stats:
+            stats.merge(_probe(model, mb, scores, transform))
     return stats
+
+
+def _routing_facts(scores: TokenScores, mb: PolicyBatch) -> MetricSums:
+    out = MetricSums()
+    assert scores.router_stats is not None
+    for k, v in routing_arrays(scores.router_stats, mb.attention_mask).items():
+        out.add_array(k, v)
+    return out
+
+
+@torch.no_grad()
+def _probe(model: Callable[..., object], mb: PolicyBatch, scores: TokenScores, transform: Any) -> MetricSums:
+    """Routing mismatch (learner's own routing vs the engine's) and the log-prob gap to the engine with
+    the engine's routing replayed and without replay; the training forward is reused for whichever of the
+    two it was. Sums in `moe/probe_*` (every rank adds every key, inert micro-batches with zeros)."""
+    assert mb.rollout_experts is not None
+    out = MetricSums()
+    replayed_rollout = mb.replay_experts is not None and torch.equal(mb.replay_experts, mb.rollout_experts)
+    free = scores if mb.replay_experts is None else None
+    replay = scores if replayed_rollout else None
+    if free is None:
+        free = score_tokens(model, mb.input_ids, mb.attention_mask, with_entropy=False, transform=transform)
+    if replay is None:
+        replay = score_tokens(
+            model,
+            mb.input_ids,
+            mb.attention_mask,
+            with_entropy=False,
+            transform=transform,
+            routed_experts=mb.rollout_experts,
+        )
+    assert free.expert_ids is not None
+    differ, total = routing_mismatch(free.expert_ids, mb.rollout_experts, mb.attention_mask)
+    out.add("moe/probe_routing_differ", float(differ))
+    out.add("moe/probe_routing_total", float(total))
+    for name, scored in (("free", free), ("replay", replay)):
+        gap, n = logp_gap(scored.logp, mb.rollout_logp, mb.loss_mask)
+        out.add(f"moe/probe_gap_{name}_sum", gap)
+        out.add(f"moe/probe_gap_{name}_n", n)
+    return out
+
+
+def probe_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The probe's ratios from its summed counts (popped from `sums`)."""
+    if "moe/probe_routing_total" not in sums:
+        return {}
+    differ, total = sums.pop("moe/probe_routing_differ"), sums.pop("moe/probe_routing_total")
+    out = {"moe/routing_mismatch": differ / total if total else 0.0}
+    for name in ("free", "replay"):
+        gap, n = sums.pop(f"moe/probe_gap_{name}_sum"), sums.pop(f"moe/probe_gap_{name}_n")
+        out[f"moe/logp_gap_{name}"] = gap / n if n else 0.0
+    return out
 
 
 def _collect(

@@ -9,7 +9,7 @@ mini-batch, a stateless trajectory filter, neither `old_logp` nor `filter` passe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,9 @@ import torch
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import LearnerConfig
 from rlstack.learner.critic import check_critic_inputs
+from rlstack.learner.moe import health_metrics
 from rlstack.learner.schedule import lr_at
-from rlstack.learner.step import COUNTED, MetricSums, Reducer, old_logp_from_forward_is_exact
+from rlstack.learner.step import COUNTED, MetricSums, Reducer, old_logp_from_forward_is_exact, probe_metrics
 from rlstack.mispo import AlgorithmConfig
 
 
@@ -89,6 +90,8 @@ def optimize(
     summed: tuple[str, ...],
     prefix: str,
     has_signal: Callable[[MetricSums], bool] | None = None,
+    after_step: Callable[[MetricSums], None] | None = None,
+    moe_layer_ids: Sequence[int] = (),
 ) -> dict[str, float]:
     """One optimizer step of `engine` per mini-batch (`accumulate(shard)` fills the gradients); global
     metrics with the mean of the mini-batch losses, grad norm and lr.
@@ -97,7 +100,11 @@ def optimize(
     step, counting from `first_step`). A mini-batch without learning signal (`has_signal(stats)` False
     after its forward: no trained token with a nonzero advantage and no KL term, so the gradient is
     exactly 0) steps with learning rate 0. Adam would otherwise still move every weight by its momentum,
-    and a run of zero-reward batches (sparse rewards) drifts the policy with no signal."""
+    and a run of zero-reward batches (sparse rewards) drifts the policy with no signal.
+
+    `after_step(stats)` runs after each optimizer step with that mini-batch's local sums (the router-bias
+    update). MoE routing facts in the sums become expert-health metrics (learner.moe), layers named by
+    `moe_layer_ids`."""
     engine.train()
     total = MetricSums()
     grad_norms, lrs = [], []
@@ -117,8 +124,14 @@ def optimize(
                 raise RuntimeError(f"DeepSpeed recorded no gradient norm (ZeRO stage {cfg.zero_stage})")
             norm = pre_norm
         grad_norms.append(float(norm))
+        if after_step is not None:
+            after_step(stats)
         total.merge(stats)
-    metrics = total.all_reduce(reducer).result()
+    reduced = total.all_reduce(reducer)
+    metrics = reduced.result()
+    metrics |= probe_metrics(metrics)
+    if "moe/expert_tokens" in reduced.arrays:
+        metrics |= health_metrics(reduced.arrays, moe_layer_ids)
     for k in summed:  # mean of the mini-batch losses
         if k in metrics and k not in COUNTED:
             metrics[k] /= len(minibatches)

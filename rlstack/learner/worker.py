@@ -50,6 +50,7 @@ from rlstack.learner.engine import (
 )
 from rlstack.learner.export import broadcast_checksum, full_state
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.moe import update_router_bias
 from rlstack.learner.reference import frozen_reference, shard_numel
 from rlstack.learner.scoring import Score, score_rows
 from rlstack.learner.step import (
@@ -59,6 +60,7 @@ from rlstack.learner.step import (
     MetricSums,
     accumulate_minibatch,
     iter_minibatches,
+    padded_micro_batches,
 )
 from rlstack.learner.train import TrainResult, optimize
 from rlstack.mispo import AlgorithmConfig
@@ -253,6 +255,10 @@ class LearnerWorker:
         old_from_forward: bool = False,
         old_logp_out: list[torch.Tensor] | None = None,
     ) -> dict[str, float]:
+        moe = self.cfg.moe
+        probe = moe.probe_every > 0 and self.version % moe.probe_every == 0
+        minibatches = self._with_replay(minibatches, old_from_forward)
+
         def accumulate(shard: PolicyBatch) -> MetricSums:
             return accumulate_minibatch(
                 self.engine,
@@ -266,7 +272,14 @@ class LearnerWorker:
                 old_logp_out,
                 ref_model=self.reference,
                 transform=self.transform,
+                moe=moe,
+                probe=probe,
             )
+
+        def update_bias(stats: MetricSums) -> None:
+            if moe.bias_update_rate > 0.0 and "moe/expert_tokens" in stats.arrays:
+                load = self._reducer.sum_(stats.arrays["moe/expert_tokens"].clone())  # (L, E), all ranks
+                update_router_bias(self.engine.module, load, moe.bias_update_rate)
 
         return optimize(
             self.engine,
@@ -279,7 +292,47 @@ class LearnerWorker:
             summed=(*SUMMED, *COUNTED),
             prefix="actor",
             has_signal=self._has_signal,
+            after_step=update_bias,
+            moe_layer_ids=getattr(self.engine.module.config, "moe_layer_ids", ()),
         )
+
+    def _with_replay(self, minibatches: list[PolicyBatch], old_from_forward: bool) -> list[PolicyBatch]:
+        """The mini-batches with the experts their training forward replays (`learner.routing_replay`)."""
+        mode = self.cfg.routing_replay
+        if mode == "off":
+            return minibatches
+        if mode == "rollout":
+            for shard in minibatches:
+                if shard.rollout_experts is None:
+                    raise ValueError(
+                        "learner.routing_replay = 'rollout' but the rollouts carry no routed experts: the "
+                        "policy has no MoE layers, or the rollout engines did not record routing "
+                        "(RolloutGroup(record_routing=True); the driver sets it for this setting)"
+                    )
+            return [shard.replace(replay_experts=shard.rollout_experts) for shard in minibatches]
+        if old_from_forward:
+            return minibatches  # the training forward IS pi_old's forward: its routing is pi_old's (R2)
+        return [shard.replace(replay_experts=self._routing_of(shard)) for shard in minibatches]
+
+    @torch.no_grad()
+    def _routing_of(self, shard: PolicyBatch) -> torch.Tensor:
+        """(B, L, n_moe, k) int16: the experts the current weights (pi_old, before this step's first update)
+        route each of the shard's tokens to; -1 on padding. Collective under ZeRO-3."""
+
+        def ids(input_ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+            scores = score_tokens(self.engine, input_ids, attn, with_entropy=False, transform=self.transform)
+            if scores.expert_ids is None:
+                raise ValueError("learner.routing_replay = 'old' needs a MoE policy with routing statistics")
+            return torch.where(attn.bool()[..., None, None], scores.expert_ids, -1).to(torch.int16)
+
+        n_real = len(shard.chunks(self.cfg.micro_batch_size))
+        parts = []
+        # every rank runs as many forwards as the busiest one (ZeRO-3 gathers inside each forward)
+        for i, mb in enumerate(padded_micro_batches(shard, self.cfg.micro_batch_size, self._reducer)):
+            routes = ids(mb.input_ids.to(self.device), mb.attention_mask.to(self.device)).cpu()
+            if i < n_real:
+                parts.append(routes)
+        return torch.cat(parts)
 
     def _has_signal(self, stats: MetricSums) -> bool:
         """Whether any rank's mini-batch, after its forward, has a token that can move the weights: in the

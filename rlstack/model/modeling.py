@@ -135,10 +135,17 @@ def _eye_offset(T: int, S: int, offset: int, device: torch.device) -> torch.Tens
 
 @dataclass
 class RoutingStats:
-    """Per-layer routing facts of one forward pass, for metrics (never part of the loss)."""
+    """Per-layer routing facts of one forward pass over N = B*T token rows.
+
+    `mean_score` keeps its gradient (the balancing loss is built from it); everything else is detached.
+    Counts and means are over real tokens only when the forward had a token mask (padding excluded)."""
 
     confidence: torch.Tensor  # (N,) score mass of the selected experts / all experts, per token
-    expert_counts: torch.Tensor  # (E,) tokens routed to each expert
+    expert_counts: torch.Tensor  # (E,) real tokens routed to each expert (top-k slots counted)
+    ids: torch.Tensor  # (N, k) the experts used (replayed ones where replay was given)
+    free_ids: torch.Tensor  # (N, k) the experts the router itself picks (= ids without replay)
+    entropy: torch.Tensor  # (N,) entropy of the normalised router scores s_e / sum(s), nats
+    mean_score: torch.Tensor  # (E,) mean over real tokens of the normalised scores (with grad)
 
 
 class PackedExpertWeight(nn.Module):
@@ -168,21 +175,47 @@ class Step3p5MoE(nn.Module):
         self.up_proj = PackedExpertWeight(E, inner, H)
         self.down_proj = PackedExpertWeight(E, H, inner)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
-        """x: (N, H) → weights (N, k), expert ids (N, k), stats."""
+    def route(
+        self, x: torch.Tensor, replay: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+        """x: (N, H) → weights (N, k), expert ids (N, k), stats.
+
+        `replay` (N, k) long: experts to use instead of the router's choice (routing replay), -1 rows =
+        the router chooses. Replayed experts get their weights from the LIVE router scores (renormalised
+        over the replayed set), so the router keeps its gradient. `token_mask` (N,) bool: the real tokens
+        the statistics count (None = all)."""
         # fp32 routing also when the model is held in bf16 (vLLM's need_fp32_gate); a no-op cast in fp32
         scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))  # (N, E)
-        ids = torch.topk(scores + self.router_bias, self.top_k, dim=-1).indices  # (N, k)
+        free_ids = torch.topk(scores + self.router_bias, self.top_k, dim=-1).indices  # (N, k)
+        ids = free_ids
+        if replay is not None:
+            ids = torch.where(replay[:, :1] >= 0, replay.to(free_ids.dtype), free_ids)  # (N, k)
         weights = scores.gather(1, ids)  # (N, k): unbiased scores of the chosen experts
-        confidence = weights.sum(-1) / scores.sum(-1)  # (N,)
+        total = scores.sum(-1, keepdim=True)  # (N, 1)
+        confidence = weights.sum(-1) / total.squeeze(-1)  # (N,)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * self.scaling
-        counts = torch.bincount(ids.flatten(), minlength=scores.shape[-1])
-        return weights, ids, RoutingStats(confidence.detach(), counts.detach())
+        probs = scores / total  # (N, E): the router's scores as a distribution
+        real = token_mask if token_mask is not None else torch.ones_like(confidence, dtype=torch.bool)
+        n_real = real.sum().clamp(min=1)
+        counts = torch.bincount(ids[real].flatten(), minlength=scores.shape[-1])
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (N,)
+        mean_score = (probs * real[:, None]).sum(0) / n_real  # (E,)
+        stats = RoutingStats(
+            confidence.detach(),
+            counts.detach(),
+            ids.detach(),
+            free_ids.detach(),
+            entropy.detach(),
+            mean_score,
+        )
+        return weights, ids, stats
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
-        weights, ids, stats = self.route(x)  # (N, k), (N, k)
+    def forward(
+        self, x: torch.Tensor, replay: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoutingStats]:
+        weights, ids, stats = self.route(x, replay, token_mask)  # (N, k), (N, k)
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             token_idx, slot = torch.where(ids == e)  # tokens that chose expert e
@@ -212,13 +245,15 @@ class Step3p5DecoderLayer(nn.Module):
         positions: torch.Tensor,
         key_padding: torch.Tensor | None,
         cache: Cache | None,
+        replay: torch.Tensor | None = None,  # (B*T, k) experts to replay, -1 rows free
+        token_mask: torch.Tensor | None = None,  # (B*T,) bool real tokens, for routing statistics
     ) -> tuple[torch.Tensor, RoutingStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), positions, key_padding, cache)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
         flat = h.reshape(-1, h.shape[-1])  # (B*T, H)
-        routed, stats = self.moe(flat)
+        routed, stats = self.moe(flat, replay, token_mask)
         return x + (routed + self.share_expert(flat)).view_as(h), stats
 
 
@@ -228,6 +263,8 @@ class Step3p5Output(CausalLMOutputWithPast):
 
     routing_confidence: torch.Tensor | None = None  # (B, T): mean over MoE layers
     expert_load: torch.Tensor | None = None  # (n_moe_layers, E) token counts
+    router_stats: list[RoutingStats] | None = None  # one per MoE layer, in layer order
+    expert_ids: torch.Tensor | None = None  # (B, T, n_moe_layers, k) the experts each token used
 
 
 class Step3p5BaseOutput(NamedTuple):
@@ -278,6 +315,7 @@ class Step3p5Model(Step3p5PreTrainedModel):
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, S = past + T
         position_ids: torch.Tensor | None = None,  # (B, T)
         past_key_values: Cache | None = None,
+        routed_experts: torch.Tensor | None = None,  # (B, T, n_moe_layers, k) replay, -1 = route freely
         **kwargs: object,  # HF callers pass use_cache, return_dict, ...; the output does not change
     ) -> Step3p5BaseOutput:
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -291,9 +329,21 @@ class Step3p5Model(Step3p5PreTrainedModel):
         if key_padding is not None and bool(key_padding.all()):
             key_padding = None  # the common training case: right padding never precedes a real token
         x = self.embed_tokens(input_ids)
+        B, T = input_ids.shape
+        token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
+        if routed_experts is not None:
+            n_moe, k = len(self.config.moe_layer_ids), self.config.moe_top_k
+            if tuple(routed_experts.shape) != (B, T, n_moe, k):
+                raise ValueError(
+                    f"routed_experts has shape {tuple(routed_experts.shape)}; expected (B, T, n_moe_layers, "
+                    f"top_k) = {(B, T, n_moe, k)}"
+                )
         stats: list[RoutingStats] = []
         for layer in self.layers:
-            x, layer_stats = layer(x, position_ids, key_padding, past_key_values)
+            replay = None
+            if routed_experts is not None and layer.is_moe:
+                replay = routed_experts[:, :, len(stats)].reshape(B * T, -1).long()  # (B*T, k)
+            x, layer_stats = layer(x, position_ids, key_padding, past_key_values, replay, token_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
         return Step3p5BaseOutput(self.norm(x), stats)
@@ -322,11 +372,16 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         output_router_stats: bool = False,
+        routed_experts: torch.Tensor | None = None,
         **kwargs: object,
     ) -> Step3p5Output:
+        """`routed_experts` (B, T, n_moe_layers, k): routing replay (see `Step3p5MoE.route`); -1 = free.
+        `output_router_stats`: fill routing_confidence, expert_load, router_stats and expert_ids."""
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # full-length per layer; sliding is applied by the mask
-        hidden, stats = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        hidden, stats = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, routed_experts=routed_experts
+        )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
         loss = None
         if labels is not None:
@@ -342,4 +397,6 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
             B, T = input_ids.shape
             out.routing_confidence = torch.stack([s.confidence for s in stats]).mean(0).view(B, T)
             out.expert_load = torch.stack([s.expert_counts for s in stats])
+            out.router_stats = stats
+            out.expert_ids = torch.stack([s.ids for s in stats], dim=1).view(B, T, len(stats), -1)
         return out

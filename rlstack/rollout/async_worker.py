@@ -17,6 +17,7 @@ and `shutdown` must stop that process before Ray kills the actor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import time
@@ -31,8 +32,11 @@ from rlstack.rollout.engine import close_llm, make_async_llm
 from rlstack.rollout.sync.engine_rpc import AsyncEngineRPC
 from rlstack.rollout.worker import (
     Prompt,
+    attach_routes,
+    checked_routes,
     engine_settings,
     episode_runner,
+    fed_tokens,
     sampling_params,
     to_rollouts,
     to_turn,
@@ -56,7 +60,9 @@ class AsyncRolloutWorker(AsyncEngineRPC):
         version: int = 0,
         env: EnvConfig | None = None,
         sandbox: SandboxConfig | None = None,
+        record_routing: bool = False,
     ) -> None:
+        """`record_routing`: as in `RolloutWorker`."""
         self.config = config
         self.llm: Any = make_async_llm(model_path, engine_settings(config))
         self.tokenizer = self.llm.get_tokenizer()
@@ -66,6 +72,8 @@ class AsyncRolloutWorker(AsyncEngineRPC):
         self._running = 0
         self._updating = False
         self._state = asyncio.Condition()
+        self._record_routing = record_routing
+        self.record_routing: bool | None = None  # known after the first call (collective_rpc is async)
 
     async def generate(
         self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
@@ -80,6 +88,11 @@ class AsyncRolloutWorker(AsyncEngineRPC):
             self._running += 1
             version = self.version
         try:
+            if self.record_routing is None:
+                layers = (
+                    await self.llm.collective_rpc("rlstack_record_routing") if self._record_routing else [0]
+                )
+                self.record_routing = layers[0] > 0
             call = next(self._calls)
             if self.episodes is not None and tools:
                 schemas = self.episodes.tools
@@ -95,11 +108,22 @@ class AsyncRolloutWorker(AsyncEngineRPC):
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 requests.append(self._final_output(prompt, params, f"rlstack-{os.getpid()}-{call}-{i}"))
             outputs = await asyncio.gather(*requests)
+            rollouts = [
+                r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, version)
+            ]
+            if self.record_routing:
+                attach_routes(rollouts, await self._take_routes([fed_tokens(r) for r in rollouts]))
         finally:
             async with self._state:
                 self._running -= 1
                 self._state.notify_all()
-        return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, version)]
+        return rollouts
+
+    async def _take_routes(self, sequences: list[list[int]]) -> list[Any]:
+        from rlstack.rollout.routing_capture import decode_record
+
+        wires = (await self.llm.collective_rpc("rlstack_take_routes", args=(sequences,)))[0]
+        return [decode_record(w) for w in wires]
 
     async def _episode(self, episode: Episode, index: int, sampling: SamplingConfig, call: int) -> None:
         """One episode to its end: generate a turn, run its tools in the env pool, repeat. Other episodes'
@@ -114,7 +138,12 @@ class AsyncRolloutWorker(AsyncEngineRPC):
             params.output_kind = RequestOutputKind.FINAL_ONLY
             request_id = f"rlstack-{os.getpid()}-{call}-{index}-{turn}"
             out = await self._final_output(token_prompt(episode.ids), params, request_id)
-            calls = episode.add_turn(to_turn(out, self.version))
+            next_turn = to_turn(out, self.version)
+            if self.record_routing:
+                fed = [episode.ids + next_turn.token_ids[:-1]]
+                records = checked_routes(fed, await self._take_routes(fed))
+                next_turn = dataclasses.replace(next_turn, routes=records[0])
+            calls = episode.add_turn(next_turn)
             if calls:
                 try:
                     outcomes = await loop.run_in_executor(self.episodes.pool, episode.run_tools, calls)

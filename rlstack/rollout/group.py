@@ -44,8 +44,10 @@ class RolloutGroup:
         version: int = 0,
         env: EnvConfig | None = None,
         sandbox: SandboxConfig | None = None,
+        record_routing: bool = False,
     ) -> None:
-        """`env`: multi-turn episodes with this environment (tools run in `sandbox`); None: single turns."""
+        """`env`: multi-turn episodes with this environment (tools run in `sandbox`); None: single turns.
+        `record_routing`: rollouts carry the engines' routed experts (MoE; rollout.routing_capture)."""
         if config.weight_sync == "nccl" and not ray.cluster_resources().get("GPU", 0):
             raise RuntimeError(
                 "rollout.weight_sync='nccl' needs GPUs, and this Ray cluster has none: vLLM-CPU engines "
@@ -65,7 +67,8 @@ class RolloutGroup:
             actor = remote(RolloutWorker)
         self.config = config
         self.workers = [
-            actor.remote(str(model_path), config, version, env, sandbox) for _ in range(config.num_workers)
+            actor.remote(str(model_path), config, version, env, sandbox, record_routing)
+            for _ in range(config.num_workers)
         ]
         ray.get([w.get_version.remote() for w in self.workers])  # surface start-up errors here
         self.version = version

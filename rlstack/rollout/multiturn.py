@@ -40,6 +40,8 @@ class Turn:
     logprobs: list[float]
     finish_reason: FinishReason
     version: int
+    routes: Any = None
+    """The engine's routing record of this turn's request (rollout.routing_capture), when recorded."""
 
 
 class Episode:
@@ -64,6 +66,9 @@ class Episode:
         self.finish_reason: FinishReason = "stop"
         self.done = False
         self.first_version: int | None = None
+        # routing records: each turn adds the rows of positions first fed in its request (the new ones)
+        self.routes: list[Any] | None = []
+        self.routed = 0
 
     @property
     def ids(self) -> list[int]:
@@ -84,6 +89,11 @@ class Episode:
         """Append a generated turn; returns the tool calls to run next ([] when the episode has ended)."""
         if self.first_version is None:
             self.first_version = turn.version
+        if turn.routes is None:
+            self.routes = None
+        elif self.routes is not None:
+            self.routes.append(turn.routes[self.routed :])
+            self.routed = len(turn.routes)
         self.response_ids += turn.token_ids
         self.logprobs += turn.logprobs
         self.mask += [1] * len(turn.token_ids)
@@ -144,6 +154,18 @@ class Episode:
             response_versions=self.versions,
             columns=dict(self.prompt.columns),
             episode=self.info,
+            routed_experts=self._routed_experts(),
+        )
+
+    def _routed_experts(self) -> Any:
+        if not self.routes:
+            return None
+        import numpy as np
+
+        from rlstack.rollout.routing_capture import full_sequence_routes
+
+        return full_sequence_routes(
+            np.concatenate(self.routes), len(self.prompt_ids) + len(self.response_ids)
         )
 
 

@@ -10,6 +10,7 @@ rollout.async_worker.AsyncRolloutWorker instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -51,12 +52,16 @@ class RolloutWorker(EngineRPC):
         version: int = 0,
         env: EnvConfig | None = None,
         sandbox: SandboxConfig | None = None,
+        record_routing: bool = False,
     ) -> None:
+        """`record_routing`: attach the engine's routed experts to every rollout (MoE policies; routing
+        replay and the learner's routing probes need them; rollout.routing_capture)."""
         self.config = config
         self.llm = make_llm(model_path, engine_settings(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.version = version
         self.episodes = episode_runner(env, sandbox, self.tokenizer, config.max_model_len)
+        self.record_routing = record_routing and self.llm.collective_rpc("rlstack_record_routing")[0] > 0
 
     def generate(
         self, prompts: list[Prompt], sampling: SamplingConfig | None = None, tools: bool = True
@@ -72,7 +77,19 @@ class RolloutWorker(EngineRPC):
         inputs = [token_prompt(self._prompt_ids(p)) for p in prompts]
         params = [sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, self.version)]
+        rollouts = [
+            r for p, out in zip(prompts, outputs, strict=True) for r in to_rollouts(p, out, self.version)
+        ]
+        if self.record_routing:
+            attach_routes(rollouts, self._take_routes([fed_tokens(r) for r in rollouts]))
+        return rollouts
+
+    def _take_routes(self, sequences: list[list[int]]) -> list[Any]:
+        from rlstack.rollout.routing_capture import decode_record
+
+        return [
+            decode_record(w) for w in self.llm.collective_rpc("rlstack_take_routes", args=(sequences,))[0]
+        ]
 
     def finish_update(self, version: int | None) -> int:
         """End the update (MoE layers re-prepacked: returned); `version=None` keeps the old version."""
@@ -112,7 +129,12 @@ class RolloutWorker(EngineRPC):
         inputs = [token_prompt(e.ids) for e in episodes]
         params = [turn_params(sampling, e, i, turn) for i, e in enumerate(episodes)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [to_turn(out, self.version) for out in outputs]
+        turns = [to_turn(out, self.version) for out in outputs]
+        if self.record_routing:
+            fed = [e.ids + t.token_ids[:-1] for e, t in zip(episodes, turns, strict=True)]
+            records = checked_routes(fed, self._take_routes(fed))
+            turns = [dataclasses.replace(t, routes=r) for t, r in zip(turns, records, strict=True)]
+        return turns
 
 
 def episode_runner(
@@ -197,6 +219,33 @@ def to_rollouts(prompt: Prompt, out: Any, version: int) -> list[Rollout]:
             )
         )
     return rollouts
+
+
+def fed_tokens(rollout: Rollout) -> list[int]:
+    """The tokens the engine fed through the model for a rollout: all but the last sampled one."""
+    return rollout.prompt_ids + rollout.response_ids[:-1]
+
+
+def checked_routes(sequences: list[list[int]], records: list[Any]) -> list[Any]:
+    """The engine's routing records, one per fed sequence; a missing one is an error, never a silent gap."""
+    for seq, record in zip(sequences, records, strict=True):
+        if record is None:
+            raise RuntimeError(
+                f"the rollout engine recorded no routing for a {len(seq)}-token request "
+                "(rollout.routing_capture found no request that fed exactly these tokens)"
+            )
+    return records
+
+
+def attach_routes(rollouts: list[Rollout], records: list[Any]) -> None:
+    """Set each rollout's `routed_experts` (whole sequence, no-route rows where nothing was fed)."""
+    from rlstack.rollout.routing_capture import full_sequence_routes
+
+    records = checked_routes([fed_tokens(r) for r in rollouts], records)
+    for rollout, record in zip(rollouts, records, strict=True):
+        rollout.routed_experts = full_sequence_routes(
+            record, len(rollout.prompt_ids) + len(rollout.response_ids)
+        )
 
 
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}

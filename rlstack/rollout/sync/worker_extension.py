@@ -135,6 +135,26 @@ class WorkerExtension:
     def rlstack_world_rank(self) -> int:
         return int(getattr(self, "rank", 0))
 
+    # --- routing capture (rollout.routing_capture) ---------------------------------------------------
+    def rlstack_record_routing(self) -> int:
+        """Start recording each request's routed experts (idempotent); returns the MoE layers hooked."""
+        from rlstack.rollout.routing_capture import RoutingRecorder
+
+        recorder = getattr(self, "_rlstack_recorder", None)
+        if recorder is None:
+            recorder = self._rlstack_recorder = RoutingRecorder(self.model_runner)  # type: ignore[attr-defined]
+        return recorder.n_layers
+
+    def rlstack_take_routes(self, sequences: list[list[int]]) -> list[Any]:
+        """The recorded routes of the requests that fed exactly these token sequences (None: not found),
+        encoded (`routing_capture.decode_record` restores them)."""
+        from rlstack.rollout.routing_capture import encode_record
+
+        recorder = getattr(self, "_rlstack_recorder", None)
+        if recorder is None:
+            raise RuntimeError("rlstack_take_routes before rlstack_record_routing")
+        return [encode_record(r) for r in recorder.take(sequences)]
+
     # --- helpers -----------------------------------------------------------------------------------
     def _rlstack_model(self) -> torch.nn.Module:
         return self.model_runner.get_model()  # type: ignore[attr-defined]
