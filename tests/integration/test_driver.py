@@ -89,6 +89,47 @@ def test_old_logp_from_the_training_forward_equals_the_separate_pass(
 
 
 @pytest.mark.usefixtures("trainer_ray")
+def test_every_moe_run_logs_expert_health(sync_run: tuple[Path, list[dict]]) -> None:
+    """Per step and MoE layer: load violation, dead experts, router entropy, routing confidence; the
+    per-expert loads in expert_load.jsonl; the routing probe at step 1 (learner.moe.probe_every 10): an
+    fp32 engine routes exactly like the fp32 learner."""
+    run_dir, steps = sync_run
+    for m in steps:
+        for layer in (1, 2, 3):
+            assert m[f"moe/layer{layer}/max_violation"] >= 0.0
+            assert 0 <= m[f"moe/layer{layer}/dead_experts"] <= 8
+            assert 0.0 < m[f"moe/layer{layer}/router_entropy"] <= math.log(8) + 1e-6
+            assert 0.0 < m[f"moe/layer{layer}/routing_confidence"] < 1.0
+    logged = [r for r in read_metrics(run_dir) if "actor/loss" in r]
+    assert len(logged) == 5 and all("moe/layer1/router_entropy" in r for r in logged)
+    assert not any(k.startswith("moe/load/") for r in logged for k in r), "loads belong in expert_load.jsonl"
+    assert steps[0]["moe/routing_mismatch"] == 0.0 and steps[0]["moe/logp_gap_free"] < 1e-4
+    assert all("moe/routing_mismatch" not in m for m in steps[1:])
+    loads = [json.loads(line) for line in (run_dir / "expert_load.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in loads] == [1, 2, 3, 4, 5]
+    assert sorted(loads[0]["load"]) == ["1", "2", "3"] and all(len(v) == 8 for v in loads[0]["load"].values())
+    tokens = steps[0]["batch/tokens"]  # trained tokens; every real token is routed to top-2 experts
+    assert all(sum(v) > 2 * tokens for v in loads[0]["load"].values())
+
+
+@pytest.mark.usefixtures("trainer_ray")
+def test_rollout_routing_replay_with_a_bf16_engine(tmp_path: Path) -> None:
+    """R3 in the loop: the bf16 engine routes some tokens differently from the fp32 learner; replaying its
+    routing narrows the learner/engine log-prob gap (the probe measures both ways every step here)."""
+    config = tiny_run(
+        tmp_path / "r3",
+        trainer={"steps": 2},
+        rollout={"dtype": "bfloat16"},
+        learner={"routing_replay": "rollout", "moe": {"probe_every": 1}},
+    )
+    steps = run_steps(config, tmp_path)
+    for m in steps:
+        assert m["moe/routing_mismatch"] > 0.0
+        assert m["moe/logp_gap_replay"] < m["moe/logp_gap_free"]
+        assert m["actor/grad_norm"] > 0
+
+
+@pytest.mark.usefixtures("trainer_ray")
 def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
     config = tiny_run(tmp_path / "async2", trainer={"mode": "async", "max_staleness": 2, "steps": 4})
     steps = run_steps(config, tmp_path)
