@@ -140,9 +140,10 @@ def test_async_staleness_stays_within_bound(tmp_path: Path) -> None:
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     """Async mode, k = 1: at the step-3 checkpoint one batch (sampled by version 2) is queued. The checkpoint
     saves it finished, with its token versions, so the resumed run trains step 4 on exactly those rollouts,
-    one update stale, as the uninterrupted run did (regenerating them would make them fresh: staleness 0)."""
+    one update stale, as the uninterrupted run did (regenerating them would make them fresh: staleness 0).
+    The MoE routers' selection bias moves every step (aux-loss-free balancing): it must survive too."""
     trainer = {"steps": 6, "checkpoint_every": 3, "eval_every": 3, "mode": "async", "max_staleness": 1}
-    config = tiny_run(tmp_path / "whole", trainer=trainer)
+    config = tiny_run(tmp_path / "whole", trainer=trainer, learner={"moe": {"bias_update_rate": 0.02}})
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = os.environ | {"VLLM_LOGGING_LEVEL": "ERROR", "PYTHONPATH": str(Path(__file__).parent)}
@@ -192,6 +193,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) ->
     again = {r["step"]: r for r in read_metrics(killed_dir) if "actor/loss" in r}
     assert sorted(again) == [1, 2, 3, 4, 5, 6]
     assert_same([whole[s] for s in (4, 5, 6)], [again[s] for s in (4, 5, 6)])
+    loads = [json.loads(line)["step"] for line in (killed_dir / "expert_load.jsonl").read_text().splitlines()]
+    assert loads == [1, 2, 3, 4, 5, 6]  # the redone steps replaced, not appended twice
     for s in (4, 5, 6):  # the queued batch kept its staleness across the kill
         assert again[s]["staleness/mean"] == whole[s]["staleness/mean"] == 1.0
         assert again[s]["filter/log_ratio_p50"] == pytest.approx(whole[s]["filter/log_ratio_p50"], abs=1e-6)

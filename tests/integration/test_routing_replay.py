@@ -15,6 +15,7 @@ from rlstack.learner.batch import PolicyBatch, collate
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
 from rlstack.learner.moe import logp_gap, routing_mismatch
 from rlstack.model import Step3p5ForCausalLM
+from rlstack.model.tokenizer import build_tokenizer
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.parity import synthetic_prompts
 from rlstack.rollout.worker import Prompt, RolloutWorker
@@ -105,3 +106,42 @@ def test_replay_narrows_the_logprob_gap_to_a_bf16_engine(
         f"routing mismatch {differ}/{total}; mean |gap| free {gap_free / n:.4f} replay {gap_replay / n:.4f}"
     )
     assert gap_replay < gap_free
+
+
+def test_router_bias_reaches_vllm_by_export_and_by_in_place_sync(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A moved selection bias (the aux-loss-free balancer's state) is served by vLLM exactly as the learner
+    routes with it: from a saved checkpoint, and pushed in place into a running engine (the router holds
+    the bias tensor vLLM reloads; a stale copy would route with the old bias)."""
+    from rlstack.rollout.sync.object_store import serialize_state_dict
+
+    model = Step3p5ForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for block in (layer.moe for layer in model.model.layers if layer.is_moe):
+            block.router_bias.copy_(torch.linspace(0.3, -0.3, 8))  # favours the low experts strongly
+    moved = tmp_path / "moved"
+    model.save_pretrained(moved)
+    build_tokenizer().save_pretrained(moved)
+
+    config = RolloutConfig(sampling=SAMPLING, kv_cache_mb=32)
+    prompts = [Prompt(f"p{i}", text=t) for i, t in enumerate(synthetic_prompts(4, seed=9))]
+
+    def gap(rollouts: list[Rollout]) -> float:
+        b = collate(rollouts, pad_id=0)
+        with torch.no_grad():
+            logp = score_tokens(model, b.input_ids, b.attention_mask, with_routing=False).logp
+        return float((logp - b.rollout_logp)[b.loss_mask.bool()].abs().max())
+
+    fresh = RolloutWorker(moved, config)
+    try:
+        assert gap(fresh.generate(prompts)) < 1e-3
+    finally:
+        fresh.shutdown()
+    worker = RolloutWorker(tiny_checkpoint, config)
+    try:
+        assert gap(worker.generate(prompts)) > 1e-2  # the old bias routes differently: not vacuous
+        worker.update_weights(serialize_state_dict(model.state_dict()), version=1)
+        assert gap(worker.generate(prompts)) < 1e-3
+    finally:
+        worker.shutdown()
