@@ -298,10 +298,17 @@ def accumulate_minibatch(
 
 
 def _routing_facts(scores: TokenScores, mb: PolicyBatch) -> MetricSums:
+    """The forward's routing arrays; with replay, also how many token-layer decisions it overrode (the
+    router's own top-k differs from the replayed experts)."""
     out = MetricSums()
     assert scores.router_stats is not None
     for k, v in routing_arrays(scores.router_stats, mb.attention_mask).items():
         out.add_array(k, v)
+    if mb.replay_experts is not None:
+        free = torch.stack([s.free_ids for s in scores.router_stats], dim=1).view(scores.expert_ids.shape)
+        differ, total = routing_mismatch(free, mb.replay_experts, mb.attention_mask)
+        out.add("moe/replay_overridden", float(differ))
+        out.add("moe/replay_decisions", float(total))
     return out
 
 
@@ -338,11 +345,16 @@ def _probe(model: Callable[..., object], mb: PolicyBatch, scores: TokenScores, t
 
 
 def probe_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """The probe's ratios from its summed counts (popped from `sums`)."""
+    """The probe's ratios from its summed counts (popped from `sums`), and the share of replayed
+    token-layer decisions that overrode the router's own choice (`moe/replay_overrides`)."""
+    out: dict[str, float] = {}
+    if "moe/replay_decisions" in sums:
+        overridden, total = sums.pop("moe/replay_overridden"), sums.pop("moe/replay_decisions")
+        out["moe/replay_overrides"] = overridden / total if total else 0.0
     if "moe/probe_routing_total" not in sums:
-        return {}
+        return out
     differ, total = sums.pop("moe/probe_routing_differ"), sums.pop("moe/probe_routing_total")
-    out = {"moe/routing_mismatch": differ / total if total else 0.0}
+    out["moe/routing_mismatch"] = differ / total if total else 0.0
     for name in ("free", "replay"):
         gap, n = sums.pop(f"moe/probe_gap_{name}_sum"), sums.pop(f"moe/probe_gap_{name}_n")
         out[f"moe/logp_gap_{name}"] = gap / n if n else 0.0

@@ -113,20 +113,23 @@ def test_every_moe_run_logs_expert_health(sync_run: tuple[Path, list[dict]]) -> 
 
 
 @pytest.mark.usefixtures("trainer_ray")
-def test_rollout_routing_replay_with_a_bf16_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["rollout", "old"])
+def test_routing_replay_with_a_bf16_engine(mode: str, tmp_path: Path) -> None:
     """R3 in the loop: the bf16 engine routes some tokens differently from the fp32 learner; replaying its
-    routing narrows the learner/engine log-prob gap (the probe measures both ways every step here)."""
-    config = tiny_run(
-        tmp_path / "r3",
-        trainer={"steps": 2},
-        rollout={"dtype": "bfloat16"},
-        learner={"routing_replay": "rollout", "moe": {"probe_every": 1}},
-    )
+    routing narrows the learner/engine log-prob gap (the probe measures both ways every step here). R2,
+    with two mini-batches: the second one's forward replays pi_old's routing after the first update moved
+    the router, so some of its decisions are overridden."""
+    learner = {"routing_replay": mode, "moe": {"probe_every": 1}}
+    if mode == "old":
+        learner |= {"fuse_old_logp": False, "n_minibatches": 2}
+    config = tiny_run(tmp_path / mode, trainer={"steps": 2}, rollout={"dtype": "bfloat16"}, learner=learner)
     steps = run_steps(config, tmp_path)
     for m in steps:
         assert m["moe/routing_mismatch"] > 0.0
-        assert m["moe/logp_gap_replay"] < m["moe/logp_gap_free"]
         assert m["actor/grad_norm"] > 0
+        assert 0.0 < m["moe/replay_overrides"] < 0.5
+        if mode == "rollout":  # (with R2 the second mini-batch's probe runs on updated weights)
+            assert m["moe/logp_gap_replay"] < m["moe/logp_gap_free"]
 
 
 @pytest.mark.usefixtures("trainer_ray")
