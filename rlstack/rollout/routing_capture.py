@@ -156,14 +156,16 @@ class RoutingRecorder:
     def take(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray | None]:
         """Claim the records of requests whose fed tokens are exactly each of `sequences`; each result is
         (len(seq), n_moe_layers, top_k) compact ids, or None when no such request was recorded."""
-        by_key: dict[bytes, str] = {record.key(): req_id for req_id, record in self.records.items()}
+        by_key: dict[bytes, list[str]] = {}  # identical sequences (a deterministic policy) share a key
+        for req_id, record in self.records.items():
+            by_key.setdefault(record.key(), []).append(req_id)
         out: list[np.ndarray | None] = []
         for seq in sequences:
-            req_id = by_key.pop(np.asarray(seq, dtype=np.int64).tobytes(), None)
-            if req_id is None:
+            candidates = by_key.get(np.asarray(seq, dtype=np.int64).tobytes())
+            if not candidates:
                 out.append(None)
                 continue
-            record = self.records.pop(req_id)
+            record = self.records.pop(candidates.pop())
             out.append(record.routes[: record.length].copy())
         return out
 

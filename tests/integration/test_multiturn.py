@@ -66,12 +66,13 @@ def tool_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _worker(path: Path, env: EnvConfig) -> Iterator[RolloutWorker]:
+def _worker(path: Path, env: EnvConfig, record_routing: bool = False) -> Iterator[RolloutWorker]:
     worker = RolloutWorker(
         path,
         RolloutConfig(max_model_len=512, kv_cache_mb=32),
         env=env,
         sandbox=SandboxConfig(backend="bubblewrap"),
+        record_routing=record_routing,
     )
     try:
         yield worker
@@ -81,7 +82,7 @@ def _worker(path: Path, env: EnvConfig) -> Iterator[RolloutWorker]:
 
 @pytest.fixture(scope="module")
 def python_worker(tool_policy: Path) -> Iterator[RolloutWorker]:
-    yield from _worker(tool_policy, EnvConfig(name="python_tool", max_turns=4))
+    yield from _worker(tool_policy, EnvConfig(name="python_tool", max_turns=4), record_routing=True)
 
 
 def test_three_turn_python_tool_episode_is_token_in_token_out(
@@ -148,13 +149,21 @@ def test_three_turn_python_tool_episode_is_token_in_token_out(
             model,
             batch.input_ids,
             batch.attention_mask,
-            with_routing=False,
             transform=SamplingTransform.from_sampling(SAMPLING),
         )
     trained = batch.loss_mask.bool()  # (B, L)
     assert trained.sum().item() == sum(sum(x.response_mask or []) for x in rollouts)
     diff = (scores.logp - batch.rollout_logp)[trained].abs().max().item()
     assert diff < 1e-3, f"learner vs vLLM log-probs differ by {diff:.2e} on model tokens"
+
+    # Routing records (routing replay) cover prompt, model and tool tokens: each position's experts from
+    # the request that first fed it (tool tokens: the next turn's prefill); only the last token has none.
+    assert batch.rollout_experts is not None and scores.expert_ids is not None
+    n = len(r.prompt_ids) + len(r.response_ids)
+    assert r.routed_experts is not None and r.routed_experts.shape == (n, 3, 2)
+    recorded = batch.rollout_experts[0, : n - 1].long().sort(-1).values  # (n - 1, L, k)
+    assert torch.equal(recorded, scores.expert_ids[0, : n - 1].sort(-1).values)  # fp32 engine: exact
+    assert (batch.rollout_experts[0, n - 1] == -1).all()
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int, int]]:
@@ -187,6 +196,7 @@ def test_async_engine_runs_each_episode_as_a_coroutine_with_the_same_tokens(
             RolloutConfig(max_model_len=512, kv_cache_mb=32, engine="async"),
             env=EnvConfig(name="python_tool", max_turns=4),
             sandbox=SandboxConfig(backend="bubblewrap"),
+            record_routing=True,
         )
         try:
             return await worker.generate([prompt], SAMPLING)
@@ -197,6 +207,8 @@ def test_async_engine_runs_each_episode_as_a_coroutine_with_the_same_tokens(
     assert [r.response_ids for r in got] == [r.response_ids for r in expected]
     assert [r.response_mask for r in got] == [r.response_mask for r in expected]
     assert all(r.episode is not None and r.episode.turns == 3 for r in got)
+    for g, e in zip(got, expected, strict=True):  # the async engine records the same routing, per episode
+        assert g.routed_experts is not None and (g.routed_experts == e.routed_experts).all()
     diff = max(
         abs(a - b)
         for g, e in zip(got, expected, strict=True)
