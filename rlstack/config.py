@@ -27,7 +27,7 @@ from rlstack.rollout.config import RolloutConfig
 __all__ = ["ConfigError", "RunConfig", "StrictModel", "dump_config", "load_config"]
 
 
-BuilderName = Literal["tiny", "medium", "small"]  # rlstack.model.builders.BUILDERS
+BuilderName = Literal["tiny", "tiny_dense", "medium", "small"]  # rlstack.model.builders.BUILDERS
 
 
 class ModelConfig(StrictModel):

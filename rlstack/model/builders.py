@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,10 +26,15 @@ def step3p5_config(
     sliding_window: int,
     vocab_size: int = 128,
     max_positions: int = 2048,
+    moe_layers: Sequence[int] | None = None,
 ) -> Step3p5Config:
     """A Step 3.5 Flash-shaped config: layers 3:1 sliding:full, more query heads on sliding layers,
-    partial RoPE (half the head) with a larger base on full layers, layer 0 dense, the rest MoE."""
+    partial RoPE (half the head) with a larger base on full layers, layer 0 dense, the rest MoE.
+    `moe_layers`: the layers with routed experts instead (None: 1 .. num_layers - 1; empty: a dense model
+    whose every layer is a SwiGLU MLP of width `dense_dim`)."""
     layer_types = default_layer_types(num_layers)
+    if moe_layers is None:
+        moe_layers = range(1, num_layers)
     return Step3p5Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -49,7 +55,7 @@ def step3p5_config(
         partial_rotary_factors=[0.5 if t == FULL else 1.0 for t in layer_types],
         max_position_embeddings=max_positions,
         max_seq_len=max_positions,
-        moe_layers_enum=",".join(str(i) for i in range(1, num_layers)),
+        moe_layers_enum=",".join(str(i) for i in moe_layers),
         moe_num_experts=num_experts,
         moe_top_k=top_k,
         moe_intermediate_size=expert_dim,
@@ -62,6 +68,24 @@ def tiny() -> Step3p5Config:
     return step3p5_config(
         hidden_size=192, num_layers=4, full_heads=4, sliding_heads=8, kv_heads=2, head_dim=32,
         num_experts=8, top_k=2, expert_dim=128, shared_dim=128, dense_dim=512, sliding_window=32,
+    )  # fmt: skip
+
+
+def tiny_dense() -> Step3p5Config:
+    """tiny() without experts: the same attention (hidden 192, 4 layers, 3:1 sliding:full) and a dense SwiGLU
+    MLP of width 416 in every layer (`moe_layers_enum` "": no MoE layer), for dense-vs-MoE ablations.
+
+    The width matches tiny()'s ACTIVE parameters per token. tiny: layer 0 dense 512, layers 1-3 two routed
+    experts of 128 + a shared expert of 128 = 384 active, plus the router (192 x 8) -> FFN inner width
+    512 + 3 x 384 = 1664 active (each unit 3 x 192 = 576 parameters). 4 x 416 = 1664 here.
+    Parameters (counted on the built models, tests/unit/model/test_dense_builder.py):
+      tiny:       2,789,056 total, 1,461,952 active per token (routed experts count top-2 of 8);
+      tiny_dense: 1,457,344 total = active (4,608 = 0.3% fewer: tiny's three 192 x 8 routers).
+    """
+    return step3p5_config(
+        hidden_size=192, num_layers=4, full_heads=4, sliding_heads=8, kv_heads=2, head_dim=32,
+        num_experts=8, top_k=2, expert_dim=128, shared_dim=128, dense_dim=416, sliding_window=32,
+        moe_layers=(),
     )  # fmt: skip
 
 
@@ -81,7 +105,7 @@ def medium() -> Step3p5Config:
     )  # fmt: skip
 
 
-BUILDERS = {"tiny": tiny, "medium": medium, "small": small}
+BUILDERS = {"tiny": tiny, "tiny_dense": tiny_dense, "medium": medium, "small": small}
 
 
 def init_checkpoint(config: Step3p5Config, path: str | Path, seed: int = 0) -> Path:

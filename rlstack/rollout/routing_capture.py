@@ -88,22 +88,22 @@ class RoutingRecorder:
         self.runner = runner
         self.max_records = max_records
         model = runner.get_model()
-        moe_runners = _moe_runners(model)
-        if not moe_runners:
+        runners = moe_runners(model)
+        if not runners:
             raise ValueError(
                 "routing capture: the served model has no MoE layers with a vLLM router; routing replay "
                 "(learner.routing_replay: rollout) needs a Mixture-of-Experts policy"
             )
-        layer_ids = sorted(layer_id for layer_id, _ in moe_runners)
+        layer_ids = sorted(layer_id for layer_id, _ in runners)
         self.ordinal = {layer_id: i for i, layer_id in enumerate(layer_ids)}  # vLLM layer -> MoE layer
-        first = moe_runners[0][1]
+        first = runners[0][1]
         self.top_k = int(first.router.top_k)
         self.dtype = route_dtype(int(first.router.global_num_experts))
         self.max_len = int(runner.max_model_len)
         self.step: dict[int, torch.Tensor] = {}
         self.records: OrderedDict[str, _Record] = OrderedDict()
         self.evicted = 0
-        for layer_id, moe in moe_runners:
+        for layer_id, moe in runners:
             moe.router.set_capture_fn(self._capture_fn(self.ordinal[layer_id]))
         original = runner._model_forward
 
@@ -170,7 +170,7 @@ class RoutingRecorder:
         return out
 
 
-def _moe_runners(model: torch.nn.Module) -> list[tuple[int, Any]]:
+def moe_runners(model: torch.nn.Module) -> list[tuple[int, Any]]:
     """(vLLM layer id, MoE runner module) of every routed-expert layer whose router takes a capture hook."""
     found = []
     for module in model.modules():

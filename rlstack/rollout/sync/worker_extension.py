@@ -137,11 +137,14 @@ class WorkerExtension:
 
     # --- routing capture (rollout.routing_capture) ---------------------------------------------------
     def rlstack_record_routing(self) -> int:
-        """Start recording each request's routed experts (idempotent); returns the MoE layers hooked."""
-        from rlstack.rollout.routing_capture import RoutingRecorder
+        """Start recording each request's routed experts (idempotent); returns the MoE layers hooked (0 for a
+        dense model: nothing is recorded)."""
+        from rlstack.rollout.routing_capture import RoutingRecorder, moe_runners
 
         recorder = getattr(self, "_rlstack_recorder", None)
         if recorder is None:
+            if not moe_runners(self._rlstack_model()):
+                return 0
             recorder = self._rlstack_recorder = RoutingRecorder(self.model_runner)  # type: ignore[attr-defined]
         return recorder.n_layers
 
