@@ -3,6 +3,7 @@ used directory moves the old files aside instead of mixing or deleting them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rlstack.metrics import MetricsSink, archive_previous_run, read_metrics, truncate_metrics
@@ -23,3 +24,29 @@ def test_sink_truncate_and_archive(tmp_path: Path) -> None:
     assert not (tmp_path / "metrics.jsonl").exists()
     archived = list(tmp_path.glob("metrics.*.jsonl"))
     assert len(archived) == 1 and len(archived[0].read_text().splitlines()) == 2
+
+
+def test_expert_health_goes_to_tensorboard_and_loads_to_their_own_table(tmp_path: Path) -> None:
+    """MoE runs: per-layer health scalars reach metrics.jsonl and TensorBoard; the per-expert loads go to
+    expert_load.jsonl only (rewritten like metrics.jsonl on resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = MetricsSink(tmp_path, tensorboard=True)
+    for step in (1, 2):
+        loads = {f"moe/load/{layer}/{e}": float(step * 10 + e) for layer in (1, 3) for e in range(4)}
+        sink.log(step, {"moe/layer1/max_violation": 0.5 * step, **loads})
+    sink.close()
+    records = read_metrics(tmp_path)
+    assert [r["moe/layer1/max_violation"] for r in records] == [0.5, 1.0]
+    assert not any(k.startswith("moe/load/") for r in records for k in r)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "moe/layer1/max_violation" in events.Tags()["scalars"]
+    assert not any(t.startswith("moe/load/") for t in events.Tags()["scalars"])
+    table = (tmp_path / "expert_load.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in table][1] == {
+        "step": 2,
+        "load": {"1": [20, 21, 22, 23], "3": [20, 21, 22, 23]},
+    }
+    truncate_metrics(tmp_path, last_step=1)
+    assert len((tmp_path / "expert_load.jsonl").read_text().splitlines()) == 1
