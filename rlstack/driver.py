@@ -50,6 +50,20 @@ class Submitted:
     rollouts: list[Rollout] | None = None  # the finished generation (after a checkpoint or a resume)
 
 
+def check_routing_replay(policy: Path, mode: str) -> None:
+    """Refuse routing replay, before anything starts, for a policy without MoE layers."""
+    if mode == "off":
+        return
+    from rlstack.model import Step3p5Config
+
+    config = Step3p5Config.from_pretrained(policy)
+    if not config.moe_layer_ids:
+        raise ValueError(
+            f"learner.routing_replay = '{mode}' replays MoE routing, but the policy {policy} has no MoE "
+            "layers (a dense model); set learner.routing_replay: 'off'"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, allow_config_change: bool = False) -> None:
         from transformers import AutoTokenizer
@@ -325,6 +339,7 @@ class Trainer:
         from rlstack.rollout.group import RolloutGroup
 
         cfg = self.cfg
+        check_routing_replay(policy, cfg.learner.routing_replay)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-start") as pool:
             rollout_start = pool.submit(
                 RolloutGroup,

@@ -86,3 +86,12 @@ def test_vllm_serves_tiny_dense_with_pytorchs_logprobs(dense_checkpoint: Path) -
     assert tokens > 8 * 24
     assert longest > model.config.sliding_window  # the sliding layers' window was exercised
     assert worst < 1e-3, worst
+
+
+def test_routing_replay_is_refused_for_a_dense_policy(dense_checkpoint: Path, tiny_checkpoint: Path) -> None:
+    from rlstack.driver import check_routing_replay
+
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        check_routing_replay(dense_checkpoint, "rollout")
+    check_routing_replay(dense_checkpoint, "off")
+    check_routing_replay(tiny_checkpoint, "old")
