@@ -305,7 +305,10 @@ def _routing_facts(scores: TokenScores, mb: PolicyBatch) -> MetricSums:
     for k, v in routing_arrays(scores.router_stats, mb.attention_mask).items():
         out.add_array(k, v)
     if mb.replay_experts is not None:
-        free = torch.stack([s.free_ids for s in scores.router_stats], dim=1).view(scores.expert_ids.shape)
+        B, T = mb.input_ids.shape
+        free = torch.stack([s.free_ids for s in scores.router_stats], dim=1).view(
+            B, T, len(scores.router_stats), -1
+        )
         differ, total = routing_mismatch(free, mb.replay_experts, mb.attention_mask)
         out.add("moe/replay_overridden", float(differ))
         out.add("moe/replay_decisions", float(total))

@@ -109,8 +109,8 @@ def patch_step3p5_dense() -> None:
         self.num_logical_experts = self.num_physical_experts = self.num_local_physical_experts = 0
         self.num_routed_experts = self.num_redundant_experts = 0
 
-    layer_cls.__init__ = init_layer
-    model_cls.__init__ = init_model
+    layer_cls.__init__ = init_layer  # type: ignore[method-assign]
+    model_cls.__init__ = init_model  # type: ignore[method-assign]
     setattr(model_cls, _DENSE_ATTR, True)
 
 
