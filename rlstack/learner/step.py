@@ -244,7 +244,10 @@ def accumulate_minibatch(
     n_real = len(shard.chunks(micro_batch_size))
     stats = MetricSums()
     balance_coef = moe.balance_coef if moe is not None else 0.0
-    real_tokens = float(reducer.sum_(torch.tensor([float(shard.attention_mask.sum())], dtype=torch.float64)))
+    real_tokens = 0.0  # the balancing loss's token weights: all ranks' real tokens, reduced only when used
+    if balance_coef > 0.0:
+        local = torch.tensor([float(shard.attention_mask.sum())], dtype=torch.float64)
+        real_tokens = float(reducer.sum_(local))
     for i, mb in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
         mb = _to(mb.trim(), device or torch.device("cpu"))
