@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 def user_error_types() -> tuple[type[Exception], ...]:
     """The errors that mean the user's config, data or reward plugins are wrong (one line, exit 2).
 
-    DataError, RewardError, EnvError and SandboxError are taken from sys.modules: none can be raised before
-    its module is loaded, and importing them here would load the plugins before the config is parsed.
+    DataError, RewardError, EnvError, SandboxError and UnsupportedModelError are taken from sys.modules: none
+    can be raised before its module is loaded, and importing them here would load the plugins before the
+    config is parsed.
     """
     types: list[type[Exception]] = [ConfigError]
     for module, name in (
@@ -45,6 +46,7 @@ def user_error_types() -> tuple[type[Exception], ...]:
         ("rlstack.rewards.registry", "RewardError"),
         ("rlstack.envs.environment", "EnvError"),
         ("rlstack.envs.sandbox", "SandboxError"),
+        ("rlstack.model.auto", "UnsupportedModelError"),
     ):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
@@ -127,15 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="create or check policy checkpoints").add_subparsers(
         metavar="ACTION"
     )
-    p = model.add_parser(
-        "init", help="write a freshly initialised Step3p5 checkpoint (HF format, vLLM-ready)"
-    )
+    p = model.add_parser("init", help="write a freshly initialised policy checkpoint (HF format, vLLM-ready)")
     p.add_argument("path")
     p.add_argument("--builder", choices=get_args(BuilderName), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_model_init)
-    p = model.add_parser("check", help="vLLM vs PyTorch log-prob agreement on sampled tokens")
-    p.add_argument("path", nargs="?", help="checkpoint dir (default: a fresh tiny model in a temp dir)")
+    p = model.add_parser(
+        "check", help="vLLM vs PyTorch (transformers) log-prob agreement on sampled tokens, any architecture"
+    )
+    p.add_argument("path", nargs="?", help="checkpoint dir (default: a fresh --builder model in a temp dir)")
+    p.add_argument(
+        "--builder", choices=get_args(BuilderName), default="tiny", help="architecture of the fresh model"
+    )
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs log-prob difference allowed")
@@ -409,25 +414,28 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     from rlstack.model import BUILDERS, init_checkpoint
 
     path = init_checkpoint(BUILDERS[args.builder](), args.path, seed=args.seed)
-    print(f"wrote a fresh {args.builder} Step3p5 checkpoint to {path}")
+    print(f"wrote a fresh {args.builder} checkpoint to {path}")
     return 0
 
 
 def cmd_model_check(args: argparse.Namespace) -> int:
     import tempfile
 
-    from rlstack.model import init_checkpoint, tiny
+    from rlstack.model import BUILDERS, init_checkpoint
+    from rlstack.model.auto import check_architecture
     from rlstack.rollout.parity import check_logprob_parity
 
     with tempfile.TemporaryDirectory(prefix="rlstack-check-") as tmp:
         path = args.path
         if path is None:
-            config = tiny()
+            config = BUILDERS[args.builder]()
             config.initializer_range = 0.2  # peaked distributions make disagreements visible
             path = init_checkpoint(config, tmp)
+        arch = check_architecture(path)
         report = check_logprob_parity(path, args.prompts, args.tokens)
     ok = report.max_abs_diff <= args.tolerance
-    print(f"\n{'sequences':<32}{report.num_sequences}")
+    print(f"\n{'architecture':<32}{arch}")
+    print(f"{'sequences':<32}{report.num_sequences}")
     print(f"{'tokens compared':<32}{report.num_tokens}")
     print(f"{'max |logp_vllm - logp_torch|':<32}{report.max_abs_diff:.3g}  (tolerance {args.tolerance:g})")
     print(f"{'mean |diff|':<32}{report.mean_abs_diff:.3g}")

@@ -27,7 +27,8 @@ from rlstack.rollout.config import RolloutConfig
 __all__ = ["ConfigError", "RunConfig", "StrictModel", "dump_config", "load_config"]
 
 
-BuilderName = Literal["tiny", "tiny_dense", "medium", "small"]  # rlstack.model.builders.BUILDERS
+# rlstack.model.builders.BUILDERS
+BuilderName = Literal["tiny", "tiny_dense", "medium", "small", "tiny_llama", "tiny_qwen3", "tiny_qwen3_moe"]
 
 
 class ModelConfig(StrictModel):

@@ -51,16 +51,17 @@ class Submitted:
 
 
 def check_routing_replay(policy: Path, mode: str) -> None:
-    """Refuse routing replay, before anything starts, for a policy without MoE layers."""
+    """Refuse routing replay, before anything starts, for a policy whose routing the learner cannot replay
+    (a dense model, or a MoE class without replay support)."""
     if mode == "off":
         return
-    from rlstack.model import Step3p5Config
+    from rlstack.model.auto import replay_support
 
-    config = Step3p5Config.from_pretrained(policy)
-    if not config.moe_layer_ids:
+    problem = replay_support(policy)
+    if problem is not None:
         raise ValueError(
-            f"learner.routing_replay = '{mode}' replays MoE routing, but the policy {policy} has no MoE "
-            "layers (a dense model); set learner.routing_replay: 'off'"
+            f"learner.routing_replay = '{mode}' replays MoE routing, but the policy {policy} {problem}; set "
+            "learner.routing_replay: 'off'"
         )
 
 
@@ -71,6 +72,7 @@ class Trainer:
         from rlstack.config import check_resume_config
         from rlstack.data.sources import PromptSource, load_split
         from rlstack.mispo import MISFilter
+        from rlstack.model.auto import check_architecture
         from rlstack.rewards.registry import validate_specs
 
         self.cfg = cfg
@@ -90,6 +92,7 @@ class Trainer:
         dump_config(cfg, self.run_dir / "config.resolved.yaml")
         initial = initial_policy(cfg, self.run_dir)
         policy = resume_from or initial
+        check_architecture(policy)  # transformers (learner) and vLLM (engines) both implement it
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
         driver_state = None
         if resume_from is not None:

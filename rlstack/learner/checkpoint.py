@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,18 @@ def save(
     *,
     engine: Any,
     critic: Any,
+    policy: Any,
     weights: dict[str, torch.Tensor] | None,
     counters: Counters,
     rank: int,
     world_size: int,
     zero_stage: int,
     model_path: Path,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """`path/`: HF-format policy (`weights`, rank 0's full state; tokenizer files copied from
-    `model_path`); `path/trainer_state/`: DeepSpeed engine states (`deepspeed/`, the critic's `critic/`),
+    """`path/`: HF-format policy (`policy.save_pretrained` of `weights`, rank 0's full state under the
+    model's names; tokenizer files copied from `model_path`; then `write_extra(path)` on rank 0, e.g. the
+    LoRA adapter); `path/trainer_state/`: DeepSpeed engine states (`deepspeed/`, the critic's `critic/`),
     per-rank RNG states and `learner.json`. Collective."""
     root = Path(path)
     state = root / "trainer_state"
@@ -54,8 +58,10 @@ def save(
     torch.save(rng_state(), state / f"rng_rank{rank}.pt")
     if rank == 0:
         assert weights is not None
-        engine.module.save_pretrained(root, state_dict=weights)
+        policy.save_pretrained(root, state_dict=weights)
         copy_tokenizer_files(model_path, root)
+        if write_extra is not None:
+            write_extra(root)
         meta = {
             "version": counters.version,
             "tag": tag,

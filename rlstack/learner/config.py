@@ -25,7 +25,7 @@ class CriticConfig(StrictModel):
     """AdamW peak learning rate of the critic (same schedule as the policy); None uses `learner.lr`."""
 
     model_path: str | None = Field(None, min_length=1)
-    """Checkpoint whose trunk (a Step3p5 causal LM without its LM head) starts the critic; None = the policy
+    """Checkpoint whose trunk (a causal LM without its LM head) starts the critic; None = the policy
     checkpoint the learner loads. The scalar value head is always fresh (std 1 / (hidden + 1), zero bias)."""
 
     head_seed: int = 0
@@ -65,6 +65,25 @@ class MoEConfig(StrictModel):
     """Every this many train steps, one extra no-grad forward measures routing mismatch and the log-prob gap
     to the rollout engine with routing replay flipped (on when `routing_replay` is off, and vice versa). The
     rollout engines record routing for it. 0 = never (and no recording unless `routing_replay: rollout`)."""
+
+
+class LoRAConfig(StrictModel):
+    """Low-rank adapters (PEFT) on the policy: only the adapters train; the base weights stay frozen, and the
+    rollout engines receive merged weights (docs/models.md)."""
+
+    r: int = Field(8, ge=1)
+    """Rank of each adapter."""
+
+    alpha: float = Field(16.0, gt=0.0)
+    """Scaling numerator: an adapter's update is (alpha / r) * B @ A."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input during training. Keep 0 for RL: the learner's log-probs must be those of
+    the merged weights the engines sample with, or every token ratio carries dropout noise."""
+
+    target_modules: list[str] | str = "all-linear"
+    """Modules that get adapters: names as PEFT matches them (e.g. [q_proj, k_proj, v_proj, o_proj]), or
+    `all-linear` (every linear layer but the LM head)."""
 
 
 class LearnerConfig(StrictModel):
@@ -142,6 +161,18 @@ class LearnerConfig(StrictModel):
     machine: 2) though it reserves fewer Ray CPUs; in async mode they run at once and more threads than
     reserved CPUs make the two fight over cores."""
 
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (activation
+    checkpointing): activation memory falls from every layer's to about one layer's, for ~1/3 more compute."""
+
+    offload_optimizer: bool = False
+    """ZeRO optimizer offload: AdamW states and fp32 master weights live in host memory and the update runs on
+    the CPU (DeepSpeed `offload_optimizer: cpu`, stage >= 1). For GPU runs whose optimizer state does not fit
+    the GPUs; on a CPU-only learner everything already lives in host memory, so it changes nothing there."""
+
+    lora: LoRAConfig | None = None
+    """Train low-rank adapters instead of the full policy (None = full fine-tuning)."""
+
     routing_replay: Literal["off", "rollout", "old"] = "off"
     """MoE routing replay in the training forward: `rollout` (R3) uses, per token and MoE layer, the experts
     the rollout engine chose (recorded by the engines); `old` (R2) those of the learner's own pi_old forward;
@@ -165,6 +196,11 @@ class LearnerConfig(StrictModel):
         b1, b2 = self.betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"learner.betas = ({b1}, {b2}): both must be in [0, 1), e.g. [0.9, 0.95]")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "learner.offload_optimizer needs ZeRO stage >= 1 (the offloaded optimizer is ZeRO's); set "
+                "learner.zero_stage: 1, 2 or 3"
+            )
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
             raise ValueError(
                 f"learner.lr_decay_steps = {self.lr_decay_steps} must exceed warmup_steps = "

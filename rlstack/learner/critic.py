@@ -12,7 +12,7 @@ global normaliser and rank scaling as `step.accumulate_minibatch` (see step.py),
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from rlstack.learner.step import GradSink, MetricSums, Reducer, _to, global_norm
 from rlstack.mispo import critic_loss
 from rlstack.mispo.config import LossNorm
 
-if TYPE_CHECKING:
-    from rlstack.model.modeling import Step3p5Model
-
 # Already divided by the global normaliser: they add up over micro-batches and ranks.
 CRITIC_SUMMED = ("critic/loss",)
 # Token-weighted moments of the returns and errors: explained variance is built from them, then dropped.
@@ -32,12 +29,14 @@ _MOMENTS = ("critic/_ret", "critic/_ret2", "critic/_err", "critic/_err2")
 
 
 class ValueModel(nn.Module):
-    """A Step3p5 trunk (`Step3p5Model`, no LM head) and a linear value head: (B, T) ids -> (B, T) values."""
+    """A causal LM's decoder stack (no LM head; any architecture `rlstack.model.auto` loads) and a linear
+    value head: (B, T) ids -> (B, T) values."""
 
-    def __init__(self, trunk: Step3p5Model, head_seed: int = 0) -> None:
+    def __init__(self, trunk: nn.Module, head_seed: int = 0) -> None:
         super().__init__()
         self.model = trunk
-        hidden = int(trunk.config.hidden_size)
+        config: Any = trunk.config
+        hidden = int(config.hidden_size)
         self.value_head = nn.Linear(hidden, 1)
         # A generator of its own: every rank draws the same head, and the global RNG streams are untouched.
         gen = torch.Generator().manual_seed(head_seed)
@@ -50,15 +49,17 @@ class ValueModel(nn.Module):
     def from_policy(
         cls, path: str | Path, head_seed: int = 0, dtype: torch.dtype = torch.float32
     ) -> ValueModel:
-        """The trunk of the Step3p5 causal-LM checkpoint at `path` with a fresh value head."""
-        from rlstack.model import Step3p5ForCausalLM
+        """The trunk of the causal-LM checkpoint at `path` with a fresh value head."""
+        from rlstack.model.auto import load_causal_lm, trunk_of
 
-        policy = Step3p5ForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(policy.model, head_seed).to(dtype)  # the fresh head in the trunk's dtype
+        policy = load_causal_lm(path, dtype)
+        return cls(trunk_of(policy), head_seed).to(dtype)  # the fresh head in the trunk's dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask (B, T) -> (B, T) fp32 values V(s_t); column 0 is 0."""
-        hidden, _ = self.model(input_ids, attention_mask)  # (B, T, H)
+        from rlstack.model.auto import last_hidden_state
+
+        hidden = last_hidden_state(self.model, input_ids, attention_mask)  # (B, T, H)
         values = self.value_head(hidden[:, :-1]).squeeze(-1).float()  # (B, T-1): state t+1 seen at t
         return nn.functional.pad(values, (1, 0))  # (B, T)
 

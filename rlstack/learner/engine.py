@@ -51,11 +51,15 @@ def model_dtype(cfg: LearnerConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
 
-def deepspeed_config(cfg: LearnerConfig, lr: float | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: LearnerConfig, lr: float | None = None, cuda: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for `cfg` (with learning rate `lr` instead of `cfg.lr`: the critic's).
     Accumulation is driven by the caller (boundaries set per micro-batch, `scale_wrt_gas=False`), so
-    DeepSpeed's own accumulation count stays 1."""
+    DeepSpeed's own accumulation count stays 1. `cuda`: whether the ranks run on GPUs (None: ask torch);
+    optimizer offload moves state from GPU to host memory, so without GPUs there is nothing to offload."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer and cuda:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.zero_stage in (1, 2):
         # DeepSpeed's default buckets are 5e8 elements (2 GB of fp32 staging per rank): far more than we need.
         zero |= {"reduce_bucket_size": int(2e7), "allgather_bucket_size": int(2e7)}
@@ -153,13 +157,13 @@ def build_engine(model: torch.nn.Module, cfg: LearnerConfig, lr: float, device: 
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    from rlstack.model.modeling import Step3p5MoE
+    from rlstack.model.auto import moe_block_classes
 
     model = model.to(device)
-    if cfg.zero_stage == 3:
-        # The MoE block indexes its packed expert weights directly (their holder modules never run
-        # forward), so ZeRO-3 must gather the whole block at once.
-        set_z3_leaf_modules(model, [Step3p5MoE])
+    if cfg.zero_stage == 3 and (blocks := moe_block_classes(model)):
+        # A MoE block indexes its packed expert weights directly and runs only the experts it picked, so
+        # ZeRO-3 must gather the whole block at once.
+        set_z3_leaf_modules(model, blocks)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.weight_decay),

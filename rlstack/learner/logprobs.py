@@ -169,11 +169,15 @@ def score_tokens(
     """Forward `model` (an HF causal LM or a DeepSpeed engine wrapping one) and score every position.
 
     input_ids, attention_mask (B, T). Routing statistics need a model that accepts `output_router_stats`
-    (our Step3p5); they are None for other models or when `with_routing` is False. `transform`: score under
+    (Step3p5, or a transformers MoE model with `rlstack.model.router_hooks`); they are None for other models
+    or when `with_routing` is False. `transform`: score under
     the rollout's sampling distribution (see `SamplingTransform`); None or the identity is the policy.
     `routed_experts` (B, T, n_moe_layers, k): experts to replay (-1 = free), for routing replay.
     """
-    kwargs: dict[str, Any] = {"output_router_stats": True} if with_routing else {}
+    # no KV cache: a training or scoring forward never continues (HF models build one by default)
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if with_routing:
+        kwargs["output_router_stats"] = True
     if routed_experts is not None:
         kwargs["routed_experts"] = routed_experts
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

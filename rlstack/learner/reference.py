@@ -22,10 +22,9 @@ def frozen_reference(path: Path, cfg: LearnerConfig, device: torch.device, dtype
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    from rlstack.model import Step3p5ForCausalLM
-    from rlstack.model.modeling import Step3p5MoE
+    from rlstack.model.auto import load_causal_lm, moe_block_classes
 
-    model = Step3p5ForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_causal_lm(path, dtype)
     model.requires_grad_(False)
     model.eval()
     # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which types it as the unbound
@@ -33,8 +32,9 @@ def frozen_reference(path: Path, cfg: LearnerConfig, device: torch.device, dtype
     model = model.to(device)  # type: ignore[arg-type]
     if cfg.zero_stage != 3:
         return model
-    # the MoE block indexes its packed expert weights directly: ZeRO-3 gathers it whole (as the policy's)
-    set_z3_leaf_modules(model, [Step3p5MoE])
+    # a MoE block indexes its packed expert weights directly: ZeRO-3 gathers it whole (as the policy's)
+    if blocks := moe_block_classes(model):
+        set_z3_leaf_modules(model, blocks)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": int(2e7)},

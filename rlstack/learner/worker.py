@@ -19,6 +19,7 @@ One DeepSpeed process group per process: build one worker per process (DeepSpeed
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from rlstack.learner.engine import (
 )
 from rlstack.learner.export import broadcast_checksum, full_state
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.lora import apply_lora, is_lora, lora_scaling, merged_state, save_adapter
 from rlstack.learner.moe import update_router_bias
 from rlstack.learner.reference import frozen_reference, shard_numel
 from rlstack.learner.scoring import Score, score_rows
@@ -64,6 +66,7 @@ from rlstack.learner.step import (
 )
 from rlstack.learner.train import TrainResult, optimize
 from rlstack.mispo import AlgorithmConfig
+from rlstack.model.auto import base_model, checkpoint_state, load_causal_lm, moe_layer_ids
 
 # Set-up helpers that tests and scripts import from here.
 __all__ = ["LearnerWorker", "deepspeed_config", "free_port", "param_groups", "resolve_backend"]
@@ -112,11 +115,8 @@ class LearnerWorker:
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, load the policy from `model_path` and build the ZeRO engine (and the
         critic's, when enabled; the frozen reference, when given)."""
-        from rlstack.model import Step3p5ForCausalLM
-
         self.device = init_process_group(self.cfg, self.rank, self.world_size, master_addr, master_port)
-        model = Step3p5ForCausalLM.from_pretrained(self.model_path, dtype=self.model_dtype)
-        self.engine = build_engine(model, self.cfg, self.cfg.lr, self.device)
+        self.engine = build_engine(self._load_policy(), self.cfg, self.cfg.lr, self.device)
         if self.cfg.critic.enabled:
             # Loading may draw from the global RNGs; fork them so the policy's streams do not depend on
             # whether a critic exists.
@@ -131,6 +131,16 @@ class LearnerWorker:
                 )
         self._reducer = DistReducer(self.device)
         self._sink = EngineSink(self.engine)
+
+    def _load_policy(self) -> Any:
+        """The policy checkpoint as transformers' class for its architecture, with activation checkpointing
+        and LoRA adapters when configured."""
+        model = load_causal_lm(self.model_path, self.model_dtype)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.lora is not None:
+            model = apply_lora(model, self.cfg.lora)
+        return model
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -293,7 +303,7 @@ class LearnerWorker:
             prefix="actor",
             has_signal=self._has_signal,
             after_step=update_bias,
-            moe_layer_ids=getattr(self.engine.module.config, "moe_layer_ids", ()),
+            moe_layer_ids=moe_layer_ids(self.engine.module),
         )
 
     def _with_replay(self, minibatches: list[PolicyBatch], old_from_forward: bool) -> list[PolicyBatch]:
@@ -378,9 +388,19 @@ class LearnerWorker:
     @torch.no_grad()
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """The policy's full fp32 state dict (parameters and persistent buffers such as `router_bias`) under
-        the HF / vLLM checkpoint names, on rank 0 (None elsewhere). Never the critic. Collective under
-        ZeRO-3."""
-        return self._full_state(self.engine)
+        the HF / vLLM checkpoint names, LoRA adapters merged, on rank 0 (None elsewhere). Never the critic.
+        Collective under ZeRO-3."""
+        return self._checkpoint_named(self._policy_state(self._full_state(self.engine)))
+
+    def _policy_state(self, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """A full state of the policy engine under the plain model's names (LoRA merged, no PEFT prefix)."""
+        if state is None or not is_lora(self.engine.module):
+            return state
+        return merged_state(state, lora_scaling(self.engine.module))
+
+    def _checkpoint_named(self, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """The plain model's state under the checkpoint's tensor names (what vLLM's load_weights takes)."""
+        return None if state is None else checkpoint_state(base_model(self.engine.module), state)
 
     @torch.no_grad()
     def critic_weights(self) -> dict[str, torch.Tensor] | None:
@@ -418,7 +438,7 @@ class LearnerWorker:
         (call it on every rank: under ZeRO-3 the gather in `export_weights` is)."""
         # before any check: the other ranks are in the gather too. On GPU the tensors stay on the GPU, from
         # which the NCCL broadcast sends them (no round trip through host memory).
-        state = self._full_state(self.engine, on_device=True)
+        state = self._checkpoint_named(self._policy_state(self._full_state(self.engine, on_device=True)))
         if self.rank != 0:
             return {}
         if self._weight_sync is None:
@@ -430,14 +450,22 @@ class LearnerWorker:
 
     def save_checkpoint(self, path: str) -> None:
         """`path/`: HF-format policy (config, safetensors, tokenizer files copied from the source
-        checkpoint) that vLLM loads; `path/trainer_state/`: DeepSpeed optimizer + engine state (`deepspeed/`,
-        and the critic's whole engine in `critic/`), per-rank RNG states and `learner.json` (version, world
-        size, ZeRO stage, critic). Collective."""
+        checkpoint; LoRA merged) that vLLM loads, and with LoRA the adapter alone in `path/adapter/`;
+        `path/trainer_state/`: DeepSpeed optimizer + engine state (`deepspeed/`, and the critic's whole engine
+        in `critic/`), per-rank RNG states and `learner.json` (version, world size, ZeRO stage, critic).
+        Collective."""
+        module = self.engine.module
+        state = self._full_state(self.engine)
+        adapter = None
+        if state is not None and is_lora(module):
+            adapter = functools.partial(save_adapter, module, state)
         checkpoint.save(
             path,
             engine=self.engine,
             critic=self.critic,
-            weights=self.export_weights(),
+            policy=base_model(module),
+            weights=self._policy_state(state),
+            write_extra=adapter,
             counters=checkpoint.Counters(self.version, self.optimizer_steps),
             rank=self.rank,
             world_size=self.world_size,

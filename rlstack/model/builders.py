@@ -1,14 +1,17 @@
-"""Builder functions for Step3p5 configs and freshly initialised checkpoints (no hub, no downloads)."""
+"""Builder functions for policy configs and freshly initialised checkpoints (no hub, no downloads): Step3p5
+presets, and tiny transformers architectures (Llama, Qwen3, Qwen3-MoE) for the any-architecture tests."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from rlstack.model.configuration import FULL, SLIDING, Step3p5Config, default_layer_types
-from rlstack.model.tokenizer import build_tokenizer
+from rlstack.model.tokenizer import build_tokenizer, vocabulary
 
 
 def step3p5_config(
@@ -105,15 +108,76 @@ def medium() -> Step3p5Config:
     )  # fmt: skip
 
 
-BUILDERS = {"tiny": tiny, "tiny_dense": tiny_dense, "medium": medium, "small": small}
+def _hf_common() -> dict[str, Any]:
+    """Shapes shared by the tiny transformers-architecture builders (the tiny tokenizer's vocabulary)."""
+    return {
+        "vocab_size": len(vocabulary()),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
 
 
-def init_checkpoint(config: Step3p5Config, path: str | Path, seed: int = 0) -> Path:
-    """Write a randomly initialised fp32 policy + tokenizer as an HF directory that vLLM loads."""
+def tiny_llama() -> PretrainedConfig:
+    """A 0.33M-parameter Llama (transformers' LlamaForCausalLM; vLLM's Llama): any-architecture tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_hf_common())
+
+
+def tiny_qwen3() -> PretrainedConfig:
+    """A 0.33M-parameter Qwen3 (q/k norms): any-architecture tests."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_hf_common())
+
+
+def tiny_qwen3_moe() -> PretrainedConfig:
+    """A 0.53M-parameter Qwen3-MoE, 8 experts top-2 in both layers (softmax router, renormalised top-k):
+    any-architecture tests of a transformers MoE class."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **_hf_common(),
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+    )
+
+
+BUILDERS: dict[str, Callable[[], PretrainedConfig]] = {
+    "tiny": tiny,
+    "tiny_dense": tiny_dense,
+    "medium": medium,
+    "small": small,
+    "tiny_llama": tiny_llama,
+    "tiny_qwen3": tiny_qwen3,
+    "tiny_qwen3_moe": tiny_qwen3_moe,
+}
+
+
+def init_checkpoint(config: PretrainedConfig, path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised fp32 policy (any causal-LM config transformers knows: Step3p5 or a
+    transformers architecture) + the tiny tokenizer as an HF directory that vLLM loads."""
+    from transformers import AutoModelForCausalLM
+
     from rlstack.model.modeling import Step3p5ForCausalLM
 
     torch.manual_seed(seed)
-    model = Step3p5ForCausalLM(config).float()
+    if isinstance(config, Step3p5Config):
+        model = Step3p5ForCausalLM(config).float()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path = Path(path)
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rlstack.model.configuration import SLIDING, Step3p5Config
@@ -237,7 +238,10 @@ class Step3p5MoE(nn.Module):
         return out, stats
 
 
-class Step3p5DecoderLayer(nn.Module):
+class Step3p5DecoderLayer(GradientCheckpointingLayer):
+    """Attention then the MLP or MoE; with `gradient_checkpointing_enable()` its activations are recomputed in
+    the backward pass (transformers' GradientCheckpointingLayer)."""
+
     def __init__(self, config: Step3p5Config, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -291,7 +295,7 @@ class Step3p5PreTrainedModel(PreTrainedModel):
     config: Step3p5Config  # always ours: __init__ converts vLLM's config class
     config_class = Step3p5Config
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Step3p5DecoderLayer"]  # noqa: RUF012 (transformers reads class attributes)
     _supports_sdpa = True
 
