@@ -51,7 +51,15 @@ from rlstack.learner.engine import (
 )
 from rlstack.learner.export import broadcast_checksum, full_state
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
-from rlstack.learner.lora import apply_lora, is_lora, lora_scaling, merged_state, save_adapter
+from rlstack.learner.lora import (
+    PEFT_PREFIX,
+    adapter_state,
+    apply_lora,
+    is_lora,
+    lora_scaling,
+    merged_state,
+    save_adapter,
+)
 from rlstack.learner.moe import update_router_bias
 from rlstack.learner.reference import frozen_reference, shard_numel
 from rlstack.learner.scoring import Score, score_rows
@@ -496,6 +504,18 @@ class LearnerWorker:
         if self.reference is None:
             raise ValueError("reference_numel: this learner has no reference policy (reference_path unset)")
         return shard_numel(self.reference)
+
+    def lora_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """With LoRA: (the frozen base parameters under the plain model's names, the adapter tensors), full
+        copies on rank 0 (empty elsewhere). Collective under ZeRO-3."""
+        state = self._full_state(self.engine) or {}
+        frozen_names = {n for n, p in self.engine.module.named_parameters() if not p.requires_grad}
+        frozen = {
+            k.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): v
+            for k, v in state.items()
+            if k in frozen_names
+        }
+        return frozen, adapter_state(state)
 
     def optimizer_state(self, critic: bool = False) -> dict[str, torch.Tensor]:
         """This rank's optimizer state tensors (the critic's with `critic`), flattened in a fixed order

@@ -125,6 +125,12 @@ class RolloutGroup:
             ray.kill(w)
         self.workers = []
 
+    def __enter__(self) -> RolloutGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
 
 def _split(items: list, parts: int) -> list[list]:
     size, extra = divmod(len(items), parts)
