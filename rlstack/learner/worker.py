@@ -505,6 +505,26 @@ class LearnerWorker:
             raise ValueError("reference_numel: this learner has no reference policy (reference_path unset)")
         return shard_numel(self.reference)
 
+    def policy_facts(self) -> dict[str, Any]:
+        """How this rank holds the policy: parameter dtypes, ZeRO's master weights' and the optimizer states'
+        dtypes (after a step), elements held here and in the whole model (`reference.shard_numel`), whether
+        activation checkpointing is on."""
+        module = self.engine.module
+        opt = self.engine.optimizer
+        base = getattr(opt, "optimizer", opt)
+        states = [v for state in base.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        # ZeRO-3 and ZeRO-1/2 keep this rank's fp32 master weights under different names
+        masters = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(
+            opt, "single_partition_of_fp32_groups", []
+        )
+        return {
+            "dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+            "master_dtypes": sorted({str(t.dtype) for t in masters}),
+            "optimizer_dtypes": sorted({str(t.dtype) for t in states if t.numel() > 1}),
+            "checkpointing": bool(getattr(base_model(module), "is_gradient_checkpointing", False)),
+            **shard_numel(module),
+        }
+
     def lora_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """With LoRA: (the frozen base parameters under the plain model's names, the adapter tensors), full
         copies on rank 0 (empty elsewhere). Collective under ZeRO-3."""

@@ -11,7 +11,7 @@ import torch
 from transformers import PretrainedConfig
 
 from rlstack.model.configuration import FULL, SLIDING, Step3p5Config, default_layer_types
-from rlstack.model.tokenizer import build_tokenizer, vocabulary
+from rlstack.model.tokenizer import build_tokenizer
 
 
 def step3p5_config(
@@ -109,9 +109,10 @@ def medium() -> Step3p5Config:
 
 
 def _hf_common() -> dict[str, Any]:
-    """Shapes shared by the tiny transformers-architecture builders (the tiny tokenizer's vocabulary)."""
+    """Shapes shared by the tiny transformers-architecture builders: the tiny tokenizer's vocabulary padded
+    to 128 rows, as Step3p5's tiny() has it."""
     return {
-        "vocab_size": len(vocabulary()),
+        "vocab_size": 128,
         "hidden_size": 128,
         "intermediate_size": 256,
         "num_hidden_layers": 2,

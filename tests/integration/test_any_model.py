@@ -179,3 +179,41 @@ def test_lora_trains_adapters_only_and_the_engine_serves_the_merged_policy(tmp_p
     assert merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(merged[k], base[k])]
     assert changed and all("proj" in k for k in changed)  # the merged export moved only adapted layers
+
+
+@pytest.mark.usefixtures("trainer_ray")
+def test_real_size_settings_bf16_master_weights_checkpointing_and_zero3_on_two_ranks(tmp_path: Path) -> None:
+    """bf16 weights with fp32 master weights, activation checkpointing and ZeRO-3 over 2 ranks (on a
+    transformers MoE class) train like one ZeRO-2 rank without checkpointing, up to bf16 rounding."""
+    from learner_batches import ALGO as BATCH_ALGO
+    from learner_batches import make_batch
+
+    path = fresh_checkpoint("tiny_qwen3_moe", tmp_path / "init")
+    batch = make_batch(8, seed=0)
+    # One step (after it, the runs' different bf16 roundings can route some tokens to other experts); lr
+    # 1e-2: updates well above bf16's rounding step at these weights (~1e-3).
+    common = {"lr": 1e-2, "micro_batch_size": 2, "dtype": "bfloat16", "adam_eps": 1e-6}
+    runs = {}
+    for name, extra in {
+        "one_rank": {"zero_stage": 2},
+        "zero3": {"zero_stage": 3, "num_ranks": 2, "gradient_checkpointing": True},
+    }.items():
+        with LearnerGroup(path, LearnerConfig.model_validate(common | extra)) as learner:
+            old_logp = learner.compute_logprobs(batch)
+            metrics = learner.train(batch.replace(old_logp=old_logp), BATCH_ALGO).metrics
+            facts = ray.get([a.policy_facts.remote() for a in learner.actors])
+            runs[name] = (facts, metrics, learner.export_weights())
+    (one, one_metrics, one_after), (z3, z3_metrics, z3_after) = runs["one_rank"], runs["zero3"]
+    for rank in z3:
+        assert rank["dtypes"] == ["torch.bfloat16"]
+        assert rank["master_dtypes"] == rank["optimizer_dtypes"] == ["torch.float32"]
+        assert rank["checkpointing"] and rank["local"] <= 0.55 * rank["full"]  # each rank holds ~half
+    assert not one[0]["checkpointing"] and one[0]["local"] == one[0]["full"]
+    for key in ("actor/loss", "actor/grad_norm", "actor/train_frac", "batch/tokens"):
+        assert one_metrics[key] == pytest.approx(z3_metrics[key], rel=2e-2, abs=1e-4), key
+    initial = {k: t.bfloat16().float() for k, t in load_file(str(path / "model.safetensors")).items()}
+    update_one = torch.cat([(one_after[k] - initial[k]).flatten() for k in initial])
+    update_z3 = torch.cat([(z3_after[k] - initial[k]).flatten() for k in initial])
+    assert (update_one != 0).float().mean() > 0.5  # the step moved most weights
+    # the same update, up to bf16 rounding (the weights are rounded to 8 significant bits after each step)
+    assert (update_one - update_z3).norm() < 0.1 * update_one.norm()
