@@ -95,10 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_sft)
 
     p = sub.add_parser("eval", help="held-out accuracy of a checkpoint with vLLM (greedy and sampled)")
-    p.add_argument("checkpoint")
-    p.add_argument("--task", default="arithmetic", help="built-in task name (see rlstack.data.tasks)")
-    p.add_argument("--problems", type=int, default=256)
-    p.add_argument("--config", help="YAML whose rollout/eval/rewards sections to use")
+    p.add_argument("checkpoint", help="an HF checkpoint directory, or smollm2-135m (the shipped model)")
+    p.add_argument(
+        "--task",
+        help="built-in task (rlstack.data.tasks), scored by its own verifier; default: the --config's data "
+        "(its held-out split: data.heldout_path, or the held-out prompts of data.path) and rewards, else "
+        "arithmetic",
+    )
+    p.add_argument("--problems", type=int, help="held-out problems (default: the config's eval.num_problems)")
+    p.add_argument("--config", help="run YAML whose data, rewards, rollout, eval and env sections to use")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the config, as for train")
     p.set_defaults(handler=cmd_eval)
 
     rewards = sub.add_parser("rewards", help="reward plugins").add_subparsers(metavar="ACTION")
@@ -255,7 +261,8 @@ def check_checkpoint(path: str | Path) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    check_checkpoint(args.checkpoint)  # before transformers and vLLM load
+    checkpoint = eval_checkpoint(args.checkpoint)  # before transformers and vLLM load
+    config: RunConfig = load_config(args.config, eval_overrides(args))
 
     from transformers import AutoTokenizer
 
@@ -264,24 +271,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlstack.rewards.group import RewardGroup
     from rlstack.rollout.worker import RolloutWorker
 
-    overrides = [f"data.task={args.task}", f"eval.num_problems={args.problems}"]
-    if args.config is None:  # the task's own verifier, e.g. puzzle for --task puzzle
-        from rlstack.data.tasks import get_task
-
-        overrides.append(f"rewards=[{{name: {get_task(args.task).reward}}}]")
-    config: RunConfig = load_config(args.config, overrides)
-    rows = load_split(config.data, "heldout")[: args.problems]
+    rows = load_split(config.data, "heldout")[: config.eval.num_problems]
+    if not rows:
+        raise ConfigError("eval: the data config has no held-out rows (data.heldout_size is 0)")
     # training's scoring path, in this process: the configured deadlines and cache, no Ray actors
     rewards = RewardGroup.in_process(config.rewards, config.reward_workers, config.sandbox)
-    worker = RolloutWorker(args.checkpoint, config.rollout, env=config.env, sandbox=config.sandbox)
+    worker = RolloutWorker(str(checkpoint), config.rollout, env=config.env, sandbox=config.sandbox)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         result = accuracy(worker, tokenizer, rewards, rows, config)
     finally:
         worker.shutdown()
         rewards.shutdown()
     print_eval_table(None, result)
     return 0
+
+
+def eval_checkpoint(name: str) -> Path:
+    """The checkpoint `rlstack eval` scores: a directory (checked), or the shipped model by name."""
+    if name != "smollm2-135m":  # rlstack.model.pretrained.SMOLLM2; importing it loads torch and transformers
+        return check_checkpoint(name)
+    from rlstack.model.pretrained import PretrainedModelError, resolve_model
+
+    try:
+        return resolve_model(name, "checkpoint")
+    except PretrainedModelError as e:
+        raise ConfigError(str(e)) from None
+
+
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """Config changes of `rlstack eval`: a --task replaces the data (and, without a config, the rewards:
+    the task's own verifier); --problems sets eval.num_problems; then the user's key=value overrides."""
+    overrides: list[str] = []
+    task = args.task or (None if args.config else "arithmetic")
+    if task is not None:
+        from rlstack.data.tasks import TASKS, get_task
+
+        if task not in TASKS:
+            raise ConfigError(f"eval --task {task}: unknown task; built-in tasks: {', '.join(sorted(TASKS))}")
+        overrides += [f"data.task={task}", "data.path=null", "data.heldout_path=null", "data.columns={}"]
+        if args.config is None:  # the task's own verifier, e.g. puzzle for --task puzzle
+            overrides.append(f"rewards=[{{name: {get_task(task).reward}}}]")
+    if args.problems is not None:
+        overrides.append(f"eval.num_problems={args.problems}")
+    return overrides + list(args.overrides)
 
 
 def print_eval_table(before: dict | None, after: dict) -> None:

@@ -33,7 +33,9 @@ BuilderName = Literal["tiny", "tiny_dense", "medium", "small", "tiny_llama", "ti
 
 class ModelConfig(StrictModel):
     path: str | None = None
-    """An HF-format checkpoint directory to start from. None = build a fresh model with `builder`."""
+    """An HF-format checkpoint directory to start from (any causal LM that transformers and vLLM both
+    implement: Llama, Qwen2/3, Qwen3-MoE, Mixtral, Step3p5, ...; docs/models.md), or `smollm2-135m` for the
+    shipped SmolLM2-135M-Instruct. None = build a fresh model with `builder`."""
     builder: BuilderName = "tiny"
     """Architecture preset used when `path` is None (see rlstack.model.builders)."""
     init_seed: int = 0
@@ -145,6 +147,11 @@ class RunConfig(StrictModel):
             # decay over the whole run: one optimizer step per mini-batch per RL step
             total = max(self.trainer.steps * self.learner.n_minibatches, self.learner.warmup_steps + 1)
             self.learner.lr_decay_steps = total
+        if self.env is not None and not self.data.chat_template:
+            raise ValueError(
+                "data.chat_template: false, but a tool environment (env) needs the chat template: tool calls "
+                "and their results are chat turns"
+            )
         critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
         if critic_advantage != critic_on:
             raise ValueError(

@@ -260,7 +260,9 @@ class Trainer:
         from rlstack.data.prompts import rollout_prompt
 
         prompts = [
-            rollout_prompt(self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}", self.tools)
+            rollout_prompt(
+                self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}", self.tools, self.cfg.data.chat_template
+            )
             for i, r in enumerate(rows)
         ]
         # A seed per step: a resumed run samples exactly what the original would have.

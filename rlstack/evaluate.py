@@ -30,7 +30,8 @@ def accuracy(
     from rlstack.envs.registry import env_tool_schemas
 
     schemas = env_tool_schemas(cfg.env)
-    prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}", schemas) for row in rows]
+    template = cfg.data.chat_template
+    prompts = [rollout_prompt(tokenizer, row, f"eval:{row['prompt_id']}", schemas, template) for row in rows]
     max_tokens = cfg.rollout.sampling.max_tokens
     modes = {
         "greedy": SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens),

@@ -53,15 +53,17 @@ def local_import_paths() -> list[str]:
 
 
 def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:
-    """The policy a run starts from: `model.path`, else a fresh `model.builder` checkpoint in the run
+    """The policy a run starts from: `model.path` (a checkpoint directory, or `smollm2-135m`: the shipped
+    SmolLM2-135M-Instruct, converted once into the cache), else a fresh `model.builder` checkpoint in the run
     directory (written once, reused on later calls)."""
     if cfg.model.path is not None:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").exists():
-            from rlstack.config_base import ConfigError
+        from rlstack.config_base import ConfigError
+        from rlstack.model.pretrained import PretrainedModelError, resolve_model
 
-            raise ConfigError(f"model.path '{path}' is not an HF checkpoint directory (no config.json)")
-        return path
+        try:
+            return resolve_model(cfg.model.path, "model.path")
+        except PretrainedModelError as e:
+            raise ConfigError(str(e)) from None
     from rlstack.model import BUILDERS, init_checkpoint
 
     path = run_dir / CHECKPOINTS / "init"

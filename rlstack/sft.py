@@ -18,10 +18,12 @@ from rlstack.run import init_ray, initial_policy
 from rlstack.types import Rollout
 
 
-def demonstration(tokenizer: Any, row: dict[str, Any], version: int) -> Rollout:
+def demonstration(tokenizer: Any, row: dict[str, Any], version: int, chat_template: bool = True) -> Rollout:
     """A row's demonstration as a rollout: its `solution_messages` (a tool-using episode: tool output out
-    of the loss, as in RL) when it has them, else its `solution` text."""
-    prompt_ids = tokenizer.encode(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
+    of the loss, as in RL) when it has them, else its `solution` text. The prompt is rendered as in RL
+    (`data.chat_template`)."""
+    text = render_prompt(tokenizer, row["prompt"], chat_template=chat_template)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     if row.get("solution_messages"):
         from rlstack.envs.tool_calls import demonstration_tokens
 
@@ -69,7 +71,8 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
             for step in range(1, cfg.sft.steps + 1):
                 rows = source.next_batch(cfg.sft.batch_size)
                 batch = collate(
-                    [demonstration(tokenizer, r, learner.version) for r in rows], tokenizer.pad_token_id
+                    [demonstration(tokenizer, r, learner.version, cfg.data.chat_template) for r in rows],
+                    tokenizer.pad_token_id,
                 )
                 old_logp = torch.zeros_like(batch.rollout_logp)  # (B, L): pi_old = rollout, every ratio 1
                 flt = apply_filters(old_logp, batch.rollout_logp, batch.loss_mask, nll.token_band, None)

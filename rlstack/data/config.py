@@ -37,6 +37,11 @@ class DataConfig(StrictModel):
     """Seed of task generation and of the per-epoch shuffle of training prompts."""
     shuffle: bool = True
     """Visit training prompts in a new seeded order each epoch (False: file/generation order)."""
+    chat_template: bool = True
+    """Render each prompt with the policy tokenizer's chat template (a string prompt is one user message),
+    ending with the assistant's generation prompt: what an instruction-tuned model was trained on. False
+    feeds string prompts to the policy verbatim (a base model, or prompts already formatted); conversations
+    then cannot be rendered and are refused."""
 
     @model_validator(mode="before")
     @classmethod

@@ -56,21 +56,39 @@ def prompt_key(prompt: PromptValue) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def render_prompt(tokenizer: Any, prompt: PromptValue, tools: list[dict[str, Any]] | None = None) -> str:
+def render_prompt(
+    tokenizer: Any,
+    prompt: PromptValue,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template: bool = True,
+) -> str:
     """The policy's input text: the chat template over the conversation (a string is one user message),
     ending with the generation prompt of the assistant's turn. `tools`: the JSON schemas of the episode's
-    tools, for templates that render them (the tiny model's does not)."""
+    tools, for templates that render them (the tiny model's does not). Without `chat_template`
+    (`data.chat_template: false`) a string prompt is the text itself."""
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise ValueError(
+                "data.chat_template is false, so prompts are fed verbatim, but this prompt is a conversation "
+                "(a list of messages), which only a chat template can render"
+            )
+        return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
 
 def rollout_prompt(
-    tokenizer: Any, row: Mapping[str, Any], prompt_id: str, tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    row: Mapping[str, Any],
+    prompt_id: str,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template: bool = True,
 ) -> Prompt:
-    """The rollout `Prompt` of a data row: its rendered text (with `tools`' schemas), and as columns the
-    row's other fields plus its original prompt under `PROMPT_COLUMN` (for the reward call)."""
+    """The rollout `Prompt` of a data row: its rendered text (with `tools`' schemas; verbatim without
+    `chat_template`), and as columns the row's other fields plus its original prompt under `PROMPT_COLUMN`
+    (for the reward call)."""
     columns = {k: v for k, v in row.items() if k not in ROW_ONLY}
-    text = render_prompt(tokenizer, row["prompt"], tools)
+    text = render_prompt(tokenizer, row["prompt"], tools, chat_template)
     return Prompt(prompt_id=prompt_id, text=text, columns=columns)
 
 

@@ -147,6 +147,14 @@ def _arithmetic(rng: random.Random) -> Problem:
     return Problem(key, f"What is {a}{op}{b}?", str(value), solution)
 
 
+def _addition(rng: random.Random) -> Problem:
+    """Two-digit addition, the answer asked for in \\boxed{}: a task an instruction-tuned small model
+    (SmolLM2-135M-Instruct) solves sometimes, not reliably (configs/smollm2.yaml)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    prompt = f"What is {a}+{b}? Put the final answer in \\boxed{{}}."
+    return Problem(f"{min(a, b)}+{max(a, b)}", prompt, str(a + b), f"{a}+{b}={a + b}, so \\boxed{{{a + b}}}")
+
+
 # ---- expression trees (multistep, puzzle) ------------------------------------------------------------
 
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -291,6 +299,7 @@ def _puzzle(rng: random.Random) -> Problem:
 
 
 register_task(TaskGenerator("arithmetic", _arithmetic, "2-3 digit addition and subtraction, column-wise"))
+register_task(TaskGenerator("addition", _addition, "2-digit addition, answer asked for in \\boxed{}"))
 register_task(TaskGenerator("multistep", _multistep, "expressions with 2-3 operations, e.g. (12+7)*3-5"))
 register_task(TaskGenerator("linear", _linear, "linear equations with an integer solution, e.g. 3*x+7=22"))
 register_task(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import ray
 
-from rlstack.rewards.judges.checkpoint import MARKER, default_judge_checkpoint
+from rlstack.model.pretrained import MARKER, smollm2_checkpoint
 from rlstack.rewards.judges.genrm import genrm_reward
 from rlstack.rewards.judges.metarm import metarm_reward
 from rlstack.rewards.judges.pairwise import grouped_bt_win_rates
@@ -60,7 +60,7 @@ def judge_cluster() -> Iterator[dict[str, float]]:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("TMPDIR", str(scratch / "tmp"))  # inherited by Ray's workers and the judge's engine
             start = time.perf_counter()
-            default_judge_checkpoint()  # converts the GGUF on a cold cache, else a lookup
+            smollm2_checkpoint()  # converts the GGUF on a cold cache, else a lookup
             timings["conversion_s"] = time.perf_counter() - start
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(scratch / "ray"))
             try:
@@ -240,8 +240,8 @@ def test_concurrent_cold_conversions_write_one_checkpoint() -> None:
     root = Path(tempfile.mkdtemp(prefix="rlj-cache-"))  # removed below: the checkpoint is 540 MB
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-        "from pathlib import Path; from rlstack.rewards.judges.checkpoint import default_judge_checkpoint;"
-        f"print('PATH', default_judge_checkpoint(Path({str(root)!r})))"
+        "from pathlib import Path; from rlstack.model.pretrained import smollm2_checkpoint;"
+        f"print('PATH', smollm2_checkpoint(Path({str(root)!r})))"
     )
     try:
         procs = [
@@ -253,13 +253,13 @@ def test_concurrent_cold_conversions_write_one_checkpoint() -> None:
         outputs = [p.communicate(timeout=600)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs), outputs
         paths = {line for out in outputs for line in out.splitlines() if line.startswith("PATH")}
-        assert paths == {f"PATH {root / 'judges' / 'smollm2-135m-instruct'}"}
+        assert paths == {f"PATH {root / 'pretrained' / 'smollm2-135m-instruct'}"}
         assert sum("converted SmolLM2-135M-Instruct" in out for out in outputs) == 1
-        judges = root / "judges"
-        assert sorted(p.name for p in judges.iterdir()) == [
+        cache = root / "pretrained"
+        assert sorted(p.name for p in cache.iterdir()) == [
             ".smollm2-135m-instruct.lock",
             "smollm2-135m-instruct",
         ]
-        assert (judges / "smollm2-135m-instruct" / MARKER).is_file()
+        assert (cache / "smollm2-135m-instruct" / MARKER).is_file()
     finally:
         shutil.rmtree(root, ignore_errors=True)

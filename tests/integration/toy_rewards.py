@@ -51,3 +51,11 @@ def digit_fraction_unless_odd(prompts: list[str], completions: list[str], **colu
     if odd:
         raise ValueError(f"cannot score odd-length completions (lengths {odd})")
     return digit_fraction(prompts, completions)
+
+
+def label_is_yes(
+    prompts: list[str], completions: list[str], label: list[str], **columns: object
+) -> list[float]:
+    """1.0 for rows whose `label` column is "yes", whatever the completion: an accuracy that only the data
+    rows decide (rlstack eval with a config's own data)."""
+    return [1.0 if value == "yes" else 0.0 for value in label]

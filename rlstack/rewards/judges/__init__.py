@@ -7,14 +7,12 @@ from rlstack.lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "DEFAULT_JUDGE": "checkpoint",
+        "DEFAULT_JUDGE": "worker",
         "JudgeError": "worker",
-        "JudgeModelError": "checkpoint",
         "JudgeSettings": "worker",
         "JudgeWorker": "worker",
         "STATS": "parsing",
         "bt_win_rates": "pairwise",
-        "default_judge_checkpoint": "checkpoint",
         "genrm_reward": "genrm",
         "get_judge": "worker",
         "list_judges": "worker",

