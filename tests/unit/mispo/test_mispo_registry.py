@@ -1,10 +1,6 @@
 """Registry and compute_policy_loss: dispatch, masks, gradients, metrics, errors, import hygiene."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,6 @@ from rlstack.mispo import (
     policy_loss_names,
     register_policy_loss,
 )
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def test_registry_names_duplicates_and_unknown():
@@ -160,7 +154,7 @@ def test_lazy_exports_match_all():
     assert sorted(m._MODULE_OF) == sorted(m.__all__)
 
 
-def test_import_pulls_no_ray_vllm_deepspeed_and_config_no_torch():
+def test_import_pulls_no_ray_vllm_deepspeed_and_config_no_torch(fresh_python):
     code = (
         "import sys\n"
         "from rlstack.mispo import AlgorithmConfig\n"
@@ -171,8 +165,7 @@ def test_import_pulls_no_ray_vllm_deepspeed_and_config_no_torch():
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in {'ray', 'vllm', 'deepspeed'})\n"
         "assert not bad, bad\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = fresh_python(code)
     assert proc.returncode == 0, proc.stderr
 
 

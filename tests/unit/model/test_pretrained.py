@@ -4,9 +4,6 @@ concurrent, is in tests/integration/test_judges.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,6 @@ from rlstack.model.pretrained import (
     resolve_model,
     smollm2_checkpoint,
 )
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def test_gguf_path_and_check_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +72,7 @@ def test_cache_root_follows_the_environment(tmp_path: Path, monkeypatch: pytest.
     assert pretrained.cache_root() == tmp_path / "xdg" / "rlstack"
 
 
-def test_the_default_judge_is_smollm2_without_importing_the_model_package() -> None:
+def test_the_default_judge_is_smollm2_without_importing_the_model_package(fresh_python) -> None:
     """The judges spell out their default (`rlstack.config` imports them, and `rlstack.model` loads torch and
     transformers): it must stay the name this module resolves."""
     code = (
@@ -89,7 +84,6 @@ def test_the_default_judge_is_smollm2_without_importing_the_model_package() -> N
         "assert not bad, bad\n"
         "print(DEFAULT_JUDGE, JudgeSettings().model)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [SMOLLM2, SMOLLM2]
