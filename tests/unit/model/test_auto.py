@@ -156,3 +156,33 @@ def test_lora_on_fused_experts_is_refused(checkpoints: dict[str, Path]) -> None:
     model = load_causal_lm(checkpoints["tiny_qwen3_moe"])
     with pytest.raises(ValueError, match="fused expert / router parameters"):
         apply_lora(model, LoRAConfig(target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_the_other_hooked_moe_classes_report_and_replay(model_type: str, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    shapes = {k: v for k, v in BUILDERS["tiny_qwen3_moe"]().to_dict().items() if k in TINY_SHAPE_KEYS}
+    experts = {"num_local_experts": 8} if model_type == "mixtral" else {"num_experts": 8}
+    config = AutoConfig.for_model(
+        model_type, **shapes, **experts, num_experts_per_tok=2, initializer_range=0.2, architectures=[]
+    )
+    if model_type == "qwen2_moe":
+        config.moe_intermediate_size, config.shared_expert_intermediate_size = 64, 64
+    path = init_checkpoint(config, tmp_path, seed=0)
+    assert replay_support(path) is None
+    model = load_causal_lm(path)
+    assert moe_layer_ids(model) == (0, 1) and len(moe_block_classes(model)) == 1
+    ids, attn = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn, output_router_stats=True)
+        same = model(input_ids=ids, attention_mask=attn, routed_experts=out.expert_ids)
+    assert out.expert_load.sum(-1).tolist() == [30, 30] and torch.equal(same.logits, out.logits)
+    named = checkpoint_state(model, model.state_dict())
+    assert named.keys() == load_file(str(path / "model.safetensors")).keys()
+
+
+TINY_SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+)  # fmt: skip
