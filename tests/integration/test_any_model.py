@@ -173,12 +173,21 @@ def test_lora_trains_adapters_only_and_the_engine_serves_the_merged_policy(tmp_p
         assert logprob_gap(learner, after) < 1e-3  # vLLM serves base + adapters merged
 
         saved = learner.save_checkpoint(tmp_path / "step_2")
+        exported = learner.export_weights()
     adapter_config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["peft_type"] == "LORA"
     merged = load_file(str(saved / "model.safetensors"))
     assert merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(merged[k], base[k])]
     assert changed and all("proj" in k for k in changed)  # the merged export moved only adapted layers
+
+    # resume as the driver does: a learner on the checkpoint's (merged) weights restores base and adapters
+    with LearnerGroup(saved, cfg) as resumed:
+        assert resumed.load_checkpoint(saved) == 2
+        frozen, _ = ray.get(resumed.actors[0].lora_tensors.remote())
+        assert [k for k in base if not torch.equal(frozen[k], base[k])] == []  # the original base, not merged
+        again = resumed.export_weights()
+    assert [k for k in exported if not torch.equal(again[k], exported[k])] == []
 
 
 @pytest.mark.usefixtures("trainer_ray")
