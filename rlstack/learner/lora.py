@@ -84,6 +84,11 @@ def lora_scaling(model: Any) -> float:
     return float(cfg.lora_alpha) / float(cfg.r)
 
 
+def plain_name(name: str) -> str:
+    """A PEFT model's parameter name under the plain model: PEFT's prefix and `.base_layer` dropped."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
 def merged_state(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A PEFT model's full state dict -> the plain model's, adapters merged: for each adapted layer
     `X.base_layer.weight` (out, in), `X.lora_A.default.weight` (r, in), `X.lora_B.default.weight` (out, r):
@@ -93,7 +98,7 @@ def merged_state(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str,
     for name, tensor in state.items():
         if ".lora_" in name:
             continue
-        plain = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        plain = plain_name(name)
         if name.endswith(".base_layer.weight"):
             layer = name.removesuffix(".base_layer.weight")
             a, b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]

@@ -52,12 +52,12 @@ from rlstack.learner.engine import (
 from rlstack.learner.export import broadcast_checksum, full_state
 from rlstack.learner.logprobs import SamplingTransform, score_tokens
 from rlstack.learner.lora import (
-    PEFT_PREFIX,
     adapter_state,
     apply_lora,
     is_lora,
     lora_scaling,
     merged_state,
+    plain_name,
     save_adapter,
 )
 from rlstack.learner.moe import update_router_bias
@@ -398,7 +398,12 @@ class LearnerWorker:
         """The policy's full fp32 state dict (parameters and persistent buffers such as `router_bias`) under
         the HF / vLLM checkpoint names, LoRA adapters merged, on rank 0 (None elsewhere). Never the critic.
         Collective under ZeRO-3."""
-        return self._checkpoint_named(self._policy_state(self._full_state(self.engine)))
+        return self._exported_state()
+
+    def _exported_state(self, on_device: bool = False) -> dict[str, torch.Tensor] | None:
+        """The policy's full state as the engines load it: LoRA merged, checkpoint names (rank 0; None
+        elsewhere). Collective under ZeRO-3."""
+        return self._checkpoint_named(self._policy_state(self._full_state(self.engine, on_device)))
 
     def _policy_state(self, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
         """A full state of the policy engine under the plain model's names (LoRA merged, no PEFT prefix)."""
@@ -446,7 +451,7 @@ class LearnerWorker:
         (call it on every rank: under ZeRO-3 the gather in `export_weights` is)."""
         # before any check: the other ranks are in the gather too. On GPU the tensors stay on the GPU, from
         # which the NCCL broadcast sends them (no round trip through host memory).
-        state = self._checkpoint_named(self._policy_state(self._full_state(self.engine, on_device=True)))
+        state = self._exported_state(on_device=True)
         if self.rank != 0:
             return {}
         if self._weight_sync is None:
@@ -530,11 +535,7 @@ class LearnerWorker:
         copies on rank 0 (empty elsewhere). Collective under ZeRO-3."""
         state = self._full_state(self.engine) or {}
         frozen_names = {n for n, p in self.engine.module.named_parameters() if not p.requires_grad}
-        frozen = {
-            k.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): v
-            for k, v in state.items()
-            if k in frozen_names
-        }
+        frozen = {plain_name(k): v for k, v in state.items() if k in frozen_names}
         return frozen, adapter_state(state)
 
     def optimizer_state(self, critic: bool = False) -> dict[str, torch.Tensor]:
