@@ -4,6 +4,7 @@ mistakes fail fast with a one-line message (exit 2) instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -227,6 +228,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with Trainer(config, resume=bool(args.resume), allow_config_change=args.allow_config_change) as trainer:
         result = trainer.fit(progress=not args.no_progress)
+    if result.get("stopped") is not None:  # SIGINT / SIGTERM: saved, everything shut down
+        run_dir = config.trainer.run_dir
+        print(f"stopped by {result['stopped']}; checkpoint: {result['checkpoint']}")
+        print(f"continue with: rlstack train {args.config} --resume {run_dir}")
+        return 128 + int(signal.Signals[result["stopped"]])
     print_eval_table(result["before"], result["after"])
     print(f"final checkpoint: {result['checkpoint']}")
     return 0

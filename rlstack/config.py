@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from rlstack.config_base import ConfigError, StrictModel
 from rlstack.data.config import DataConfig
 from rlstack.envs.config import EnvConfig, SandboxConfig
+from rlstack.faults import FaultsConfig
 from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
@@ -67,8 +68,11 @@ class TrainerConfig(StrictModel):
     max_staleness: int = Field(1, ge=0)
     """Async only: a rollout made with policy version v is trained on only while current - v <= k.
     k = 0 makes async identical to sync."""
-    checkpoint_every: int = Field(0, ge=0)
-    """Save `checkpoints/step_N/` every N steps (0 = only at the end)."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save `checkpoints/step_N/` every N steps (0 = only at the end). A learner that dies restarts from the
+    newest one (`faults.max_learner_restarts`), so this bounds the steps a learner failure redoes."""
+    keep_last: int = Field(3, ge=0)
+    """Keep the newest N `step_*` checkpoints (older ones are deleted after each save; 0 = keep all)."""
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation every N steps (0 = only before and after training)."""
     tensorboard: bool = True
@@ -124,6 +128,8 @@ class RunConfig(StrictModel):
     env: EnvConfig | None = None
     """Multi-turn episodes with a tool environment (TRL's environment_factory convention); None: one
     response per prompt."""
+    faults: FaultsConfig = FaultsConfig()
+    """Deadlines of remote calls; replacing failed rollout workers and restarting a failed learner."""
     sft: SFTConfig = SFTConfig()
     """Supervised warm start (`rlstack sft`)."""
     eval: EvalConfig = EvalConfig()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlstack.config import ConfigError, RunConfig, dump_config
+from rlstack.faults import Deadlines, LearnerFailure, StopSignals
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.scoring import score_rollouts, unscored_reason
-from rlstack.run import CHECKPOINTS, check_env, init_ray, initial_policy, latest_checkpoint
+from rlstack.run import check_env, init_ray, initial_policy
+from rlstack.run_dir import CHECKPOINTS, latest_checkpoint
 from rlstack.types import Rollout
 
 if TYPE_CHECKING:
@@ -83,16 +86,25 @@ class Trainer:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint there (no checkpoints/latest)")
         if resume_from is not None:
             check_resume_config(self.run_dir, cfg, allow_config_change)
+        else:
+            check_outside_outputs(cfg, self.run_dir)
         validate_specs(cfg.rewards)
         self.tools = check_env(cfg)  # the environment's tool schemas, for the chat template
         self.source = PromptSource.from_config(cfg.data)
         self.heldout = load_split(cfg.data, "heldout")[: cfg.eval.num_problems]
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.run_dir / "config.resolved.yaml")
-        initial = initial_policy(cfg, self.run_dir)
-        policy = resume_from or initial
-        check_architecture(policy)  # transformers (learner) and vLLM (engines) both implement it
+        self._lock = claim_run_dir(self.run_dir)  # one run per directory; released by close()
+        try:
+            self._prepare_run_dir(resume_from is not None)
+            if resume_from is not None:  # a save that crashed between its renames was put back just now
+                resume_from = latest_checkpoint(self.run_dir)
+            dump_config(cfg, self.run_dir / "config.resolved.yaml")
+            self.initial = initial_policy(cfg, self.run_dir)
+            policy = resume_from or self.initial
+            check_architecture(policy)  # transformers (learner) and vLLM (engines) both implement it
+        except BaseException:
+            self._lock.release()
+            raise
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
         driver_state = None
         if resume_from is not None:
@@ -100,34 +112,45 @@ class Trainer:
         self.mis_filter = MISFilter(cfg.algorithm)
         self.step_index = 0
         self.queue: deque[Submitted] = deque()
+        # where a learner that fails before the first checkpoint restarts from: this run's start
+        self._initial_state = self._driver_state(queue=[])
+        self.deadlines = Deadlines(cfg.faults, Deadlines.checkpoint_mb(policy))
+        self.faults = FaultCounters()
         self._owns_ray = init_ray(cfg)
         try:
-            self._start(policy, initial, resume_from, driver_state)
+            self._start(policy, resume_from, driver_state)
         except BaseException:
             self.close()  # the actors already started, and Ray if this call started it
             raise
 
-    def _start(
-        self, policy: Path, initial: Path, resume_from: Path | None, driver_state: dict[str, Any] | None
-    ) -> None:
-        from rlstack.metrics import EXPERT_LOAD, MetricsSink, archive_previous_run, truncate_metrics
+    def _prepare_run_dir(self, resuming: bool) -> None:
+        """A fresh run moves a previous run's outputs aside (never reusing its checkpoints, `init`
+        included); any run removes what a save that crashed left half-written."""
+        from rlstack.run_dir import archive_previous_run, clean_staging
+
+        if not resuming:
+            moved = archive_previous_run(self.run_dir)
+            if moved is not None:
+                logger.warning("%s held a previous run; its outputs moved to %s", self.run_dir, moved)
+        for path in clean_staging(self.run_dir):
+            logger.warning("cleaned up %s: left by a checkpoint save that never finished", path)
+
+    def _start(self, policy: Path, resume_from: Path | None, driver_state: dict[str, Any] | None) -> None:
+        from rlstack.metrics import SAMPLES, MetricsSink, truncate_metrics
         from rlstack.rewards.group import RewardGroup
         from rlstack.rollout.sync.push import attach
 
         self.rewards = RewardGroup(self.cfg.rewards, self.cfg.reward_workers, self.cfg.sandbox)
-        self._start_learner_and_rollout(policy, initial, version=driver_state["step"] if driver_state else 0)
+        self._start_learner_and_rollout(policy, version=driver_state["step"] if driver_state else 0)
         if resume_from is not None and driver_state is not None:
             self._restore(resume_from, driver_state)
-        self.samples_path = self.run_dir / "samples" / "rollouts.jsonl"
+        self.samples_path = self.run_dir / SAMPLES
         self.samples_path.parent.mkdir(exist_ok=True)
-        if resume_from is None:
-            archive_previous_run(
-                [self.run_dir / "metrics.jsonl", self.run_dir / EXPERT_LOAD, self.samples_path]
-            )
-        else:
-            truncate_metrics(self.run_dir, self.step_index)
+        truncate_metrics(self.run_dir, self.step_index)  # a resumed run rewrites the steps it redoes
         attach(self.learner, self.rollout)  # broadcast: the learner's rank 0 gets the backend
+        self.rollout.on_replace = self._refresh_engines
         self.sink = MetricsSink(self.run_dir, tensorboard=self.cfg.trainer.tensorboard)
+        self._record_placement()
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -186,12 +209,17 @@ class Trainer:
         self.step_index += 1
         metrics = {**reward_metrics, **staleness_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
+        metrics |= self.faults.metrics(self.rollout) | {"data/prompts_drawn": float(self.source.drawn)}
         self.sink.log(self.step_index, metrics)
         self._save_samples(rollouts, batch, reward_info, stale)
         return metrics
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
-        """Evaluate, train `trainer.steps` steps (checkpointing and evaluating as configured), evaluate."""
+        """Evaluate, train `trainer.steps` steps (checkpointing and evaluating as configured), evaluate.
+
+        A learner that dies or hangs restarts from the last checkpoint and the steps after it are redone
+        (`faults.max_learner_restarts`). SIGINT / SIGTERM finish the current step, save a checkpoint and
+        return (`stopped`: the signal's name; no final evaluation); a second one abandons the step."""
         from rlstack.progress import TrainProgress
 
         before = self.evaluate() if self.step_index == 0 else None
@@ -200,23 +228,43 @@ class Trainer:
         every, eval_every = self.cfg.trainer.checkpoint_every, self.cfg.trainer.eval_every
         after: dict[str, float] | None = None  # the evaluation of the current step, once made
         final: Path | None = None  # the checkpoint of the current step, once saved
-        with TrainProgress(self.cfg.trainer.steps, self.step_index, enabled=progress) as bar:
-            while self.step_index < self.cfg.trainer.steps:
-                metrics = self.step()
-                after = final = None
-                bar.update(self.step_index, metrics)
-                if every and self.step_index % every == 0:
-                    final = self.save_checkpoint()
-                if eval_every and self.step_index % eval_every == 0:
-                    after = self.evaluate()
-                    self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
+        with (
+            TrainProgress(self.cfg.trainer.steps, self.step_index, enabled=progress) as bar,
+            StopSignals() as stop,
+        ):
+            while self.step_index < self.cfg.trainer.steps and stop.received is None:
+                try:
+                    metrics = self.step()
+                    after = final = None
+                    bar.update(self.step_index, metrics)
+                    if every and self.step_index % every == 0:
+                        final = self.save_checkpoint()
+                    if eval_every and self.step_index % eval_every == 0:
+                        after = self.evaluate()
+                        self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
+                except LearnerFailure as failure:
+                    self._restart_learner(failure)
+                    after = final = None
+            if stop.received is not None:
+                logger.warning(
+                    "%s: stopping after step %d; resume with `rlstack train CONFIG --resume %s`",
+                    stop.received,
+                    self.step_index,
+                    self.run_dir,
+                )
+                return {
+                    "before": before,
+                    "after": None,
+                    "checkpoint": str(final or self.save_checkpoint()),
+                    "stopped": stop.received,
+                }
         # the last step's periodic evaluation and checkpoint, if any, are the final ones: not made twice
         if after is None:
             after = self.evaluate()
             self.sink.log(self.step_index, {f"eval/{k}": v for k, v in after.items()})
         if final is None:
             final = self.save_checkpoint()
-        return {"before": before, "after": after, "checkpoint": str(final)}
+        return {"before": before, "after": after, "checkpoint": str(final), "stopped": None}
 
     # ---- stages ----------------------------------------------------------------------------------
 
@@ -271,7 +319,7 @@ class Trainer:
                 "seed": self.cfg.rollout.sampling.seed + 1_000_003 * self.cfg.trainer.seed + 10_007 * step
             }
         )
-        return self.rollout.submit(prompts, sampling)
+        return self.rollout.submit(prompts, sampling, step=step + 1)
 
     def _old_logp_from_train_forward(self) -> bool:
         """Whether pi_old can come from the training forward exactly (see `learner.fuse_old_logp`)."""
@@ -307,10 +355,41 @@ class Trainer:
         return metrics, info
 
     def _sync_weights(self) -> dict[str, float]:
-        """New weights into the engines, by `rollout.weight_sync` (rollout.sync.push)."""
+        """New weights into the engines, by `rollout.weight_sync` (rollout.sync.push). An engine that dies
+        or hangs during the push is replaced and the push made again, in full."""
+        from rlstack.faults import ActorFailure
         from rlstack.rollout.sync.push import push_policy
 
-        return push_policy(self.learner, self.rollout)
+        try:
+            return push_policy(self.learner, self.rollout)
+        except LearnerFailure:
+            raise
+        except Exception as error:  # a failed engine: whatever the transport raised
+            replaced = self.rollout.check_health()
+            if not replaced:
+                raise
+            logger.error(
+                "weight sync failed (%s); replaced rollout workers %s, pushing again", error, replaced
+            )
+            if isinstance(error, ActorFailure) or self.rollout.weight_sync.pushes_from_learner:
+                self._rebuild_weight_sync()
+            return push_policy(self.learner, self.rollout)
+
+    def _refresh_engines(self, slots: list[int]) -> None:
+        """Replaced rollout workers onto the learner's current weights (`RolloutGroup.on_replace`)."""
+        if self.rollout.weight_sync.pushes_from_learner:
+            from rlstack.rollout.sync.push import push_policy
+
+            self._rebuild_weight_sync()  # the broadcast group had the old worker in it
+            push_policy(self.learner, self.rollout)
+        else:
+            self.rollout.load_weights_into(slots, self.learner.export_weights(), self.learner.version)
+
+    def _rebuild_weight_sync(self) -> None:
+        from rlstack.rollout.sync.push import attach
+
+        self.rollout.rebuild_weight_sync()
+        attach(self.learner, self.rollout)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy with the current rollout weights: greedy, and sampled (eval.samples each)."""
@@ -321,26 +400,37 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINTS / f"step_{self.step_index}"
-        self.learner.save_checkpoint(path)
+        """`checkpoints/step_N/`: the learner's checkpoint and the driver's state, written into a staging
+        directory and renamed into place whole; then `latest` names it (atomically) and checkpoints older
+        than the newest `trainer.keep_last` go. A crash at any point leaves the previous one usable."""
+        from rlstack.run_dir import pause_point, prune_checkpoints, publish, staging_dir, write_latest
+
+        name = f"step_{self.step_index}"
+        staging = staging_dir(self.run_dir, name)
+        self.learner.save_checkpoint(staging)
         # Generation in flight is finished first, and the finished rollouts are saved with their token
         # versions: the resumed run trains on exactly these, as the uninterrupted run does.
         queue = [(item.rows, item.step, self._finished(item)) for item in self.queue]
-        state = {
+        torch.save(self._driver_state(queue), staging / "trainer_state" / DRIVER_STATE)
+        pause_point("checkpoint_save")  # test-only: lets a test kill the run inside a save
+        path = self.run_dir / CHECKPOINTS / name
+        publish(staging, path)
+        write_latest(self.run_dir, name)
+        for old in prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last):
+            logger.info("removed %s (trainer.keep_last = %d)", old, self.cfg.trainer.keep_last)
+        return path
+
+    def _driver_state(self, queue: list[Any]) -> dict[str, Any]:
+        return {
             "step": self.step_index,
             "source": self.source.state_dict(),
             "mis_filter": self.mis_filter.state_dict(),
             "queue": queue,
         }
-        torch.save(state, path / "trainer_state" / DRIVER_STATE)
-        (self.run_dir / CHECKPOINTS / "latest").write_text(path.name)
-        return path
 
-    def _start_learner_and_rollout(self, policy: Path, initial: Path, version: int) -> None:
+    def _start_learner_and_rollout(self, policy: Path, version: int) -> None:
         """The learner ranks and the rollout engines, started at once: each takes seconds to import its
         stack and set up, and neither needs the other until the first weight push."""
-        from rlstack.learner import LearnerGroup
-        from rlstack.learner.logprobs import SamplingTransform
         from rlstack.rollout.group import RolloutGroup
 
         cfg = self.cfg
@@ -355,15 +445,10 @@ class Trainer:
                 sandbox=cfg.sandbox,
                 # routing replay and the learner's routing probes compare against the engines' routing
                 record_routing=cfg.learner.routing_replay == "rollout" or cfg.learner.moe.probe_every > 0,
+                faults=cfg.faults,
             )
             try:
-                self.learner = LearnerGroup(
-                    policy,
-                    cfg.learner,
-                    # the KL reference is the run's initial policy, also when resuming from a later checkpoint
-                    reference_path=initial if cfg.algorithm.kl_coef > 0.0 else None,
-                    transform=SamplingTransform.from_sampling(cfg.rollout.sampling),
-                )
+                self.learner = self._make_learner(policy)
             except BaseException:
                 try:  # wait for the engines, so that close() stops them; the learner error is raised
                     self.rollout = rollout_start.result()
@@ -372,9 +457,24 @@ class Trainer:
                 raise
             self.rollout = rollout_start.result()
 
-    def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        """Resume: the learner's checkpoint and the driver's state (step, data order, filter, queue)."""
-        version = self.learner.load_checkpoint(path)
+    def _make_learner(self, policy: Path) -> Any:
+        from rlstack.learner import LearnerGroup
+        from rlstack.learner.logprobs import SamplingTransform
+
+        cfg = self.cfg
+        return LearnerGroup(
+            policy,
+            cfg.learner,
+            # the KL reference is the run's initial policy, also when resuming from a later checkpoint
+            reference_path=self.initial if cfg.algorithm.kl_coef > 0.0 else None,
+            transform=SamplingTransform.from_sampling(cfg.rollout.sampling),
+            deadlines=self.deadlines,
+        )
+
+    def _restore(self, path: Path | None, state: dict[str, Any]) -> None:
+        """Resume: the learner's checkpoint (None: the run's start) and the driver's state (step, data
+        order, filter, queue)."""
+        version = self.learner.load_checkpoint(path) if path is not None else self.learner.version
         self.step_index = state["step"]
         self.source.load_state_dict(state["source"])
         self.mis_filter.load_state_dict(state["mis_filter"])
@@ -384,6 +484,56 @@ class Trainer:
             for item in state["queue"]
         )
         assert version == self.step_index, f"learner version {version} != driver step {self.step_index}"
+
+    def _restart_learner(self, failure: LearnerFailure) -> None:
+        """A failed learner: a new one from the last checkpoint (or the run's start), the engines rolled back
+        to its weights, the driver's state (step, data cursor, filter, queued rollouts) restored, and the
+        records of the steps after it dropped: they are redone, nothing counted twice or skipped."""
+        from rlstack.metrics import truncate_metrics
+        from rlstack.rollout.sync.push import attach, push_policy
+
+        started = time.monotonic()
+        checkpoint = latest_checkpoint(self.run_dir)
+        limit = self.cfg.faults.max_learner_restarts
+        if self.faults.learner_restarts >= limit:
+            where = f"--resume {self.run_dir} (from {checkpoint})" if checkpoint else "a fresh run"
+            raise RuntimeError(
+                f"{failure}; the learner was restarted {self.faults.learner_restarts} times already, the "
+                f"most faults.max_learner_restarts = {limit} allows. Fix the cause, then `rlstack train "
+                f"CONFIG {where}`"
+            ) from failure
+        logger.error("%s; restarting the learner from %s", failure, checkpoint or "the run's start")
+        self.learner.shutdown(graceful=False)
+        for item in self.queue:
+            if item.pending is not None:
+                self.rollout.abandon(item.pending)
+        state = self._initial_state
+        if checkpoint is not None:
+            state = torch.load(checkpoint / "trainer_state" / DRIVER_STATE, weights_only=False)
+        redone = self.step_index - state["step"]
+        self.learner = self._make_learner(checkpoint or self.initial)
+        self._restore(checkpoint, state)
+        if self.rollout.weight_sync.pushes_from_learner:
+            self.rollout.rebuild_weight_sync()  # the broadcast group's rank 0 was the old learner
+            attach(self.learner, self.rollout)
+        push_policy(self.learner, self.rollout)  # the engines roll back to the checkpoint's weights
+        truncate_metrics(self.run_dir, self.step_index)
+        self.faults.learner_restarts += 1
+        self.faults.steps_redone += redone
+        self.faults.lost_seconds += time.monotonic() - started
+        self._record_placement()
+
+    def _record_placement(self) -> None:
+        """Which node runs what: `placement.json`, and a `placement` record in metrics.jsonl."""
+        import ray
+
+        placement = {
+            "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()},
+            "rollout": [dict(i, slot=s) for s, i in enumerate(self.rollout.info)],
+            "learner": [dict(i, rank=r) for r, i in enumerate(self.learner.info)],
+        }
+        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
+        self.sink.log(self.step_index, {"placement": placement})
 
     def _save_samples(
         self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]], stale: list[Rollout]
@@ -429,6 +579,8 @@ class Trainer:
             self.sink.close()
         if getattr(self, "_owns_ray", False):
             ray.shutdown()
+        if hasattr(self, "_lock"):
+            self._lock.release()
 
     def __enter__(self) -> Trainer:
         return self
@@ -438,6 +590,51 @@ class Trainer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def claim_run_dir(run_dir: Path) -> Any:
+    """The run directory's lock (rlstack.run_dir.RunDirLock), held until the run closes: a second run on
+    the same directory fails here, naming the first; a lock a dead run left behind is reported and taken."""
+    from rlstack.run_dir import RunDirLock
+
+    lock = RunDirLock(run_dir)
+    stale = lock.acquire()
+    if stale is not None:
+        logger.warning("%s", stale)
+    return lock
+
+
+def check_outside_outputs(cfg: RunConfig, run_dir: Path) -> None:
+    """A fresh run moves the previous run's outputs aside: the policy it starts from must not be one."""
+    if cfg.model.path is None or not Path(cfg.model.path).exists():
+        return
+    from rlstack.run_dir import RUN_OUTPUTS
+
+    policy = Path(cfg.model.path).resolve()
+    for name in RUN_OUTPUTS:
+        if policy.is_relative_to((run_dir / name).resolve()):
+            raise ConfigError(
+                f"model.path {cfg.model.path} lies in {run_dir / name}, which a fresh run in {run_dir} moves "
+                "aside; copy that checkpoint elsewhere, pick another trainer.run_dir, or continue the run "
+                f"with --resume {run_dir}"
+            )
+
+
+@dataclass
+class FaultCounters:
+    """What the run survived so far (`faults/*` metrics): learner restarts, steps they redid, seconds lost."""
+
+    learner_restarts: int = 0
+    steps_redone: int = 0
+    lost_seconds: float = 0.0
+
+    def metrics(self, rollout: Any) -> dict[str, float]:
+        return {
+            "faults/rollout_restarts": float(rollout.restarts),
+            "faults/learner_restarts": float(self.learner_restarts),
+            "faults/steps_redone": float(self.steps_redone),
+            "faults/lost_seconds": self.lost_seconds + rollout.lost_seconds,
+        }
 
 
 class StageTimer:

@@ -76,11 +76,23 @@ def archive_previous_run(paths: list[Path]) -> None:
             path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
 
 
+SAMPLES = Path("samples") / "rollouts.jsonl"
+"""Per step, one record per rollout (the driver's `_save_samples`)."""
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop records after `last_step` (a resumed run rewrites the steps it redoes)."""
-    for path in (run_dir / "metrics.jsonl", run_dir / EXPERT_LOAD):
+    """Drop the records of steps after `last_step` from metrics.jsonl, the expert-load table and the
+    samples (a resumed or restarted run rewrites the steps it redoes)."""
+    for path in (run_dir / "metrics.jsonl", run_dir / EXPERT_LOAD, run_dir / SAMPLES):
         if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            records = []
+            for i, line in enumerate(lines):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:  # only the last line may be cut short (a killed run)
+                        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
             keep = [r for r in records if r["step"] <= last_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 

@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlstack.config import RunConfig
-
-CHECKPOINTS = "checkpoints"
-"""Directory of a run's checkpoints; `latest` in it names the newest."""
+from rlstack.run_dir import CHECKPOINTS
 
 
 def init_ray(cfg: RunConfig) -> bool:
@@ -65,19 +63,14 @@ def initial_policy(cfg: RunConfig, run_dir: Path) -> Path:
         except PretrainedModelError as e:
             raise ConfigError(str(e)) from None
     from rlstack.model import BUILDERS, init_checkpoint
+    from rlstack.run_dir import publish, staging_dir
 
     path = run_dir / CHECKPOINTS / "init"
-    if not (path / "config.json").exists():
-        init_checkpoint(BUILDERS[cfg.model.builder](), path, seed=cfg.model.init_seed)
+    if not path.exists():  # written whole, then renamed into place: never half there
+        staging = staging_dir(run_dir, "init")
+        init_checkpoint(BUILDERS[cfg.model.builder](), staging, seed=cfg.model.init_seed)
+        publish(staging, path)
     return path
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `checkpoints/latest` names, or None when the run has none."""
-    marker = run_dir / CHECKPOINTS / "latest"
-    if not marker.exists():
-        return None
-    return run_dir / CHECKPOINTS / marker.read_text().strip()
 
 
 def check_env(cfg: RunConfig) -> list[dict[str, Any]] | None:

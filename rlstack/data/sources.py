@@ -274,6 +274,11 @@ class PromptSource:
             self.position += 1
         return batch
 
+    @property
+    def drawn(self) -> int:
+        """Rows drawn so far, over all epochs (the data cursor as one number)."""
+        return self.epoch * len(self.rows) + self.position
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,

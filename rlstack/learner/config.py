@@ -154,6 +154,9 @@ class LearnerConfig(StrictModel):
 
     cpus_per_rank: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved per learner actor (fractional is allowed, e.g. 0.5 to share a core in tests)."""
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each learner actor needs, e.g. `{learner_node: 1}`: places the ranks on the
+    nodes started with them (`ray start --resources='{"learner_node": 8}'`). Empty: anywhere."""
 
     num_threads: int | None = Field(None, ge=1)
     """torch threads per learner actor on CPU; None = floor(cpus_per_rank), at least 1. In sync mode the

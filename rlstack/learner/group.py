@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rlstack.faults import Deadlines, LearnerFailure, wait_all
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import LearnerConfig
 from rlstack.learner.logprobs import SamplingTransform
@@ -51,6 +52,8 @@ class LearnerGroup:
     `reference_path`: the checkpoint of the frozen KL reference policy (the run's initial policy, also
     after a resume); needed when `algorithm.kl_coef > 0`. `transform`: the sampling transformation
     (temperature, top-k/top-p) the rollout engines sample under; every log-prob is computed under it.
+    `deadlines`: every call then fails within its deadline with a `LearnerFailure` naming the rank (also
+    when a rank dies); None: calls wait as long as they take.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class LearnerGroup:
         *,
         reference_path: str | Path | None = None,
         transform: SamplingTransform | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         import ray
 
@@ -72,9 +76,13 @@ class LearnerGroup:
         self.model_path = Path(model_path)
         self.actors: list[Any] = []
         self._version = 0
+        self.deadlines = deadlines
+        self.info: list[dict[str, Any]] = []
         gpus = 1 if _wants_gpus(learner_cfg.backend, ray.cluster_resources()) else 0
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ} | dict(run_env or {})
-        actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=gpus)(LearnerWorker)
+        actor_cls = ray.remote(
+            num_cpus=learner_cfg.cpus_per_rank, num_gpus=gpus, resources=dict(learner_cfg.ray_resources)
+        )(LearnerWorker)
         n = learner_cfg.num_ranks
         ref = None if reference_path is None else str(reference_path)
         self.has_reference = ref is not None
@@ -85,7 +93,8 @@ class LearnerGroup:
             for rank in range(n)
         ]
         try:
-            ips = self._call("node_ip", timeout=SETUP_TIMEOUT_S)
+            self.info = self._call("info", timeout=SETUP_TIMEOUT_S)
+            ips = [i["ip"] for i in self.info]
             # One node: loopback. Several: rank 0's node address. Rank 0 picks a port free on its node.
             addr = "127.0.0.1" if len(set(ips)) == 1 else ips[0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=SETUP_TIMEOUT_S)
@@ -107,16 +116,31 @@ class LearnerGroup:
         self, method: str, *args: Any, shards: list[Any] | None = None, timeout: float | None = None
     ) -> list[Any]:
         """`method(shards[r], *args)` (or `method(*args)` without `shards`) on every rank at once, as every
-        collective needs; each rank's result, in rank order."""
-        import ray
-
+        collective needs; each rank's result, in rank order. A rank that dies, or misses `timeout`, raises
+        a `LearnerFailure` naming it."""
         heads = [()] * self.num_ranks if shards is None else [(s,) for s in shards]
         calls = [getattr(a, method).remote(*h, *args) for a, h in zip(self.actors, heads, strict=True)]
-        return ray.get(calls, timeout=timeout)
+        step = self._version + 1 if method in ("compute_logprobs", "compute_values", "train") else None
+        return wait_all(calls, self.names, method, timeout, step, error=LearnerFailure)
+
+    @property
+    def names(self) -> list[str]:
+        """How errors name each rank."""
+        return [
+            f"learner rank {r}" + (f" (pid {i['pid']}, node {i['node'][:8]})" if i else "")
+            for r, i in enumerate(self.info or [{}] * self.num_ranks)
+        ]
+
+    def _batch_deadline(self, batch: PolicyBatch) -> float | None:
+        return None if self.deadlines is None else self.deadlines.learner(len(batch) * batch.seq_len)
+
+    def _weights_deadline(self) -> float | None:
+        return None if self.deadlines is None else self.deadlines.weights()
 
     def _per_row(self, method: str, batch: PolicyBatch) -> torch.Tensor:
         """`method` on each rank's row shard of `batch`; the results concatenated back in batch order."""
-        return torch.cat(self._call(method, shards=_shards(batch, self.num_ranks)))[: len(batch)]
+        shards = _shards(batch, self.num_ranks)
+        return torch.cat(self._call(method, shards=shards, timeout=self._batch_deadline(batch)))[: len(batch)]
 
     # ---- compute -------------------------------------------------------------------------------
 
@@ -158,7 +182,9 @@ class LearnerGroup:
         for minibatch in batch.split(self.cfg.n_minibatches):
             for r, shard in enumerate(_shards(minibatch, self.num_ranks)):
                 per_rank[r].append(shard)
-        results: list[TrainResult] = self._call("train", algo_cfg, old_logp_from_forward, shards=per_rank)
+        results: list[TrainResult] = self._call(
+            "train", algo_cfg, old_logp_from_forward, shards=per_rank, timeout=self._batch_deadline(batch)
+        )
         metrics = dict(results[0].metrics)
         self._version = int(metrics["learner/version"])
         # staleness is measured (and bounded) once, by the driver's rule: rlstack.staleness
@@ -177,11 +203,12 @@ class LearnerGroup:
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The policy's full fp32 state dict under the HF/vLLM checkpoint names (gathered from ZeRO-3
         shards); never the critic."""
-        import ray
-
         if self.cfg.zero_stage == 3:  # the gather is collective
-            return self._call("export_weights")[0]
-        return ray.get(self.actors[0].export_weights.remote())
+            return self._call("export_weights", timeout=self._weights_deadline())[0]
+        ref = self.actors[0].export_weights.remote()
+        return wait_all(
+            [ref], self.names[:1], "export_weights", self._weights_deadline(), error=LearnerFailure
+        )[0]
 
     def attach_weight_sync(self, backend: Any) -> None:
         """Hand a broadcast weight-sync backend (`RolloutGroup.weight_sync` with `rollout.weight_sync`
@@ -193,7 +220,7 @@ class LearnerGroup:
         """Rank 0 pushes the policy's weights into the engines through the attached backend (collective:
         every rank joins the ZeRO-3 gather); returns its sync metrics (`sync/bytes`, `sync/seconds`, ...)."""
 
-        return self._call("push_weights", version)[0]
+        return self._call("push_weights", version, timeout=self._weights_deadline())[0]
 
     def critic_weights(self) -> dict[str, torch.Tensor]:
         """The critic's full fp32 state dict (`model.*` trunk, `value_head.*`); needs the critic."""
@@ -205,14 +232,14 @@ class LearnerGroup:
     def save_checkpoint(self, path: str | Path) -> Path:
         """HF-format policy + `trainer_state/` into `path` (see `LearnerWorker.save_checkpoint`)."""
 
-        self._call("save_checkpoint", str(path))
+        self._call("save_checkpoint", str(path), timeout=self._weights_deadline())
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Exact resume from `save_checkpoint(path)`: weights, optimizer, RNG and version (the critic's
         weights and optimizer too, when enabled)."""
 
-        self._version = self._call("load_checkpoint", str(path))[0]
+        self._version = self._call("load_checkpoint", str(path), timeout=self._weights_deadline())[0]
         return self._version
 
     def check_weight_broadcast(self, timeout_s: float = 60.0) -> list[float]:
@@ -221,14 +248,16 @@ class LearnerGroup:
 
         return self._call("weight_broadcast_check", timeout=timeout_s)
 
-    def shutdown(self) -> None:
-        """Leave the process groups and kill the actors (idempotent)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Leave the process groups and kill the actors (idempotent). `graceful=False`: kill at once (a
+        failed learner: a hung rank would only make the goodbye wait)."""
         import ray
 
         if not self.actors:
             return
         with contextlib.suppress(Exception):  # a dead or hung actor is killed below either way
-            ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+            if graceful:
+                ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []

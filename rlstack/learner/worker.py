@@ -117,6 +117,15 @@ class LearnerWorker:
 
         return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
+    def info(self) -> dict[str, Any]:
+        """Who this rank is: pid, Ray node id, host and node address (placement records, error messages)."""
+        import socket
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return {"pid": os.getpid(), "node": node, "host": socket.gethostname(), "ip": self.node_ip()}
+
     def free_port(self) -> int:
         return free_port()
 

@@ -53,6 +53,8 @@ class RewardWorkersConfig(StrictModel):
     cpus_per_worker: float = Field(0.0, ge=0.0)
     """Ray CPUs reserved per worker. 0 (the default) lets workers share the cores the rollout and learner
     actors reserve: scoring runs between generation and training, not beside them."""
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each reward worker needs (places them on the nodes that have them)."""
     chunk_size: int = Field(64, ge=1)
     """Samples per plugin call: whole prompt groups are added until the next would pass this size."""
     time_limit_s: float = Field(60.0, gt=0.0)

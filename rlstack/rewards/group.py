@@ -316,7 +316,11 @@ class RewardGroup:
     def _spawn(self) -> Any:
         import ray
 
-        actor = ray.remote(num_cpus=self.config.cpus_per_worker, max_restarts=0)(RewardScorer)
+        actor = ray.remote(
+            num_cpus=self.config.cpus_per_worker,
+            max_restarts=0,
+            resources=dict(self.config.ray_resources),
+        )(RewardScorer)
         return actor.remote(self.specs, self.config, self.sandbox)
 
     def __call__(

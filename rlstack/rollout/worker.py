@@ -104,8 +104,8 @@ class RolloutWorker(EngineRPC):
     def get_version(self) -> int:
         return self.version
 
-    def info(self) -> dict[str, object]:
-        return {"pid": os.getpid(), "version": self.version, "time": time.time()}
+    def info(self) -> dict[str, Any]:
+        return worker_info(self.version)
 
     def shutdown(self) -> None:
         """Close the engine inside the actor: a multiprocessing engine otherwise leaks /dev/shm."""
@@ -135,6 +135,24 @@ class RolloutWorker(EngineRPC):
             records = checked_routes(fed, self._take_routes(fed))
             turns = [dataclasses.replace(t, routes=r) for t, r in zip(turns, records, strict=True)]
         return turns
+
+
+def worker_info(version: int) -> dict[str, Any]:
+    """Who a rollout worker is: pid, Ray node, host, the engine processes it started (killed with it) and
+    its weights version; `time` is when this was asked (later than any of those processes started)."""
+    import socket
+
+    import psutil
+    import ray
+
+    return {
+        "pid": os.getpid(),
+        "node": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "children": [p.pid for p in psutil.Process().children(recursive=True)],
+        "version": version,
+        "time": time.time(),
+    }
 
 
 def episode_runner(

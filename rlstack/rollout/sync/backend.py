@@ -46,6 +46,9 @@ class WeightSyncBackend(ABC):
         self.workers = list(workers)
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.tracker = ChangeTracker(changed_only, known)
+        self.timeout_s: float | None = None
+        """Deadline of each remote step of a push (begin, a bucket, finish): a hung engine fails the push
+        with ray's GetTimeoutError instead of stalling it (the rollout group sets it from `faults:`)."""
 
     def push(self, state_dict: Mapping[str, torch.Tensor], version: int) -> dict[str, float]:
         """Send what changed since the last push to every engine and set their weights version."""
@@ -53,13 +56,13 @@ class WeightSyncBackend(ABC):
         plan = self.tracker.plan(state_dict, self.bucket_bytes, align=self.align)
         planned = time.perf_counter()
         if not plan.buckets:
-            ray.get([w.set_version.remote(version) for w in self.workers])
+            self._get([w.set_version.remote(version) for w in self.workers])
         else:
             try:
-                ray.get([w.begin_update.remote() for w in self.workers])
+                self._get([w.begin_update.remote() for w in self.workers])
                 for bucket in plan.buckets:
                     self._send_bucket(bucket, state_dict)
-                ray.get([w.finish_update.remote(version) for w in self.workers])
+                self._get([w.finish_update.remote(version) for w in self.workers])
             except BaseException:
                 self.tracker.reset()
                 self._abort()
@@ -71,7 +74,11 @@ class WeightSyncBackend(ABC):
         """Best effort after a failed push: finish the reload (modules still waiting for tensors get their
         old ones back) so the engines can generate again; the push's own error is the one raised."""
         with contextlib.suppress(Exception):  # the engines are already broken; report the first error
-            ray.get([w.finish_update.remote(None) for w in self.workers])
+            self._get([w.finish_update.remote(None) for w in self.workers])
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        """`ray.get` under the push's deadline (`timeout_s`)."""
+        return ray.get(refs, timeout=self.timeout_s)
 
     def reset(self) -> None:
         """Forget what the engines hold: the next push sends everything (call it when anything else,

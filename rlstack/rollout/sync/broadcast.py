@@ -67,16 +67,17 @@ class BroadcastBackend(WeightSyncBackend):
         """Make the process group: this process is rank 0, engine e's workers are ranks offset_e + r."""
         check_transport(self.transport)
         host = self.host or ray.util.get_node_ip_address()
-        sizes = ray.get([w.engine_world_size.remote() for w in self.workers])
+        sizes = self._get([w.engine_world_size.remote() for w in self.workers])
         world_size = 1 + sum(sizes)
         offsets = [1 + s for s in itertools.accumulate([0, *sizes[:-1]])]
-        store = create_store(host, world_size, self.timeout_s)
+        timeout = self.timeout_s or 300.0
+        store = create_store(host, world_size, timeout)
         joined = [
-            w.join_group.remote(host, store.port, offset, world_size, self.transport, self.timeout_s)
+            w.join_group.remote(host, store.port, offset, world_size, self.transport, timeout)
             for w, offset in zip(self.workers, offsets, strict=True)
         ]
-        self._group = join_group(store, store.port, 0, world_size, self.transport, self.timeout_s)
-        ray.get(joined)
+        self._group = join_group(store, store.port, 0, world_size, self.transport, timeout)
+        self._get(joined)
         self._store = store
 
     def push(self, state_dict: Mapping[str, torch.Tensor], version: int) -> dict[str, float]:
@@ -89,13 +90,13 @@ class BroadcastBackend(WeightSyncBackend):
         buffer = pack(state_dict, bucket, transport_device(self.transport))
         broadcast(self._group, buffer)
         del buffer
-        ray.get(receiving)
+        self._get(receiving)
 
     def close(self) -> None:
         if self._group is None:
             return
         try:
-            ray.get([w.leave_group.remote() for w in self.workers])
+            self._get([w.leave_group.remote() for w in self.workers])
         finally:
             if hasattr(self._group, "shutdown"):
                 self._group.shutdown()

@@ -23,7 +23,7 @@ class ObjectStoreBackend(WeightSyncBackend):
     def _send_bucket(self, bucket: Bucket, state_dict: Mapping[str, torch.Tensor]) -> None:
         ref = ray.put(serialize_state_dict({name: state_dict[name] for name in bucket.names}))
         try:
-            ray.get([w.load_bucket.remote(ref) for w in self.workers])
+            self._get([w.load_bucket.remote(ref) for w in self.workers])
         finally:
             del ref
 
