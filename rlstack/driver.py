@@ -412,7 +412,7 @@ class Trainer:
         # versions: the resumed run trains on exactly these, as the uninterrupted run does.
         queue = [(item.rows, item.step, self._finished(item)) for item in self.queue]
         torch.save(self._driver_state(queue), staging / "trainer_state" / DRIVER_STATE)
-        pause_point("checkpoint_save")  # test-only: lets a test kill the run inside a save
+        pause_point(f"checkpoint_save:{name}")  # test-only: lets a test kill the run inside a save
         path = self.run_dir / CHECKPOINTS / name
         publish(staging, path)
         write_latest(self.run_dir, name)
@@ -446,6 +446,7 @@ class Trainer:
                 # routing replay and the learner's routing probes compare against the engines' routing
                 record_routing=cfg.learner.routing_replay == "rollout" or cfg.learner.moe.probe_every > 0,
                 faults=cfg.faults,
+                replacement_path=self.initial,
             )
             try:
                 self.learner = self._make_learner(policy)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,13 @@ def save(
     rank: int,
     world_size: int,
     zero_stage: int,
-    model_path: Path,
+    side_files: dict[str, bytes],
     write_extra: Callable[[Path], None] | None = None,
 ) -> None:
     """`path/`: HF-format policy (`policy.save_pretrained` of `weights`, rank 0's full state under the
-    model's names; tokenizer files copied from `model_path`; then `write_extra(path)` on rank 0, e.g. the
-    LoRA adapter); `path/trainer_state/`: DeepSpeed engine states (`deepspeed/`, the critic's `critic/`),
-    per-rank RNG states and `learner.json`. Collective."""
+    model's names; `side_files` (tokenizer files: `side_files_of`) beside it; then `write_extra(path)` on
+    rank 0, e.g. the LoRA adapter); `path/trainer_state/`: DeepSpeed engine states (`deepspeed/`, the
+    critic's `critic/`), per-rank RNG states and `learner.json`. Collective."""
     root = Path(path)
     state = root / "trainer_state"
     state.mkdir(parents=True, exist_ok=True)
@@ -59,7 +58,8 @@ def save(
     if rank == 0:
         assert weights is not None
         policy.save_pretrained(root, state_dict=weights)
-        copy_tokenizer_files(model_path, root)
+        for name, content in side_files.items():
+            (root / name).write_bytes(content)
         if write_extra is not None:
             write_extra(root)
         meta = {
@@ -126,12 +126,15 @@ def _load_engine(engine: Any, ds_dir: Path, tag: str) -> dict[str, Any]:
     return client
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
-        return
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(f, dst / f.name)
+def side_files_of(src: Path) -> dict[str, bytes]:
+    """The files of an HF checkpoint directory besides the weights and the model config (tokenizer,
+    chat template, ...), read once when the learner starts: every checkpoint it saves carries them, even
+    after the directory it started from was pruned."""
+    return {
+        f.name: f.read_bytes()
+        for f in sorted(src.iterdir())
+        if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES)
+    }
 
 
 def rng_state() -> dict[str, Any]:

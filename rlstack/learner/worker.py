@@ -153,6 +153,7 @@ class LearnerWorker:
         """The policy checkpoint as transformers' class for its architecture, with activation checkpointing
         and LoRA adapters when configured."""
         model = load_causal_lm(self.model_path, self.model_dtype)
+        self._side_files = checkpoint.side_files_of(self.model_path)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.lora is not None:
@@ -492,7 +493,7 @@ class LearnerWorker:
             rank=self.rank,
             world_size=self.world_size,
             zero_stage=self.cfg.zero_stage,
-            model_path=self.model_path,
+            side_files=self._side_files,
         )
 
     def load_checkpoint(self, path: str) -> int:

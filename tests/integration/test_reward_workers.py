@@ -3,7 +3,10 @@ while the batch still comes back, and TRL's own reward functions score the drive
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,11 +62,29 @@ def test_a_crashed_worker_costs_its_samples_and_is_replaced(ray_local) -> None:
     try:
         out = group(["p"] * 4, ["ok", "crash", "fine", "good"])
         label = specs[0].label
-        # The chunk holding 'crash' was lost with the process; the worker was replaced.
-        assert out.workers_restarted == 1
+        # The chunk holding 'crash' was lost with the process, and again on the replacement (scored once
+        # more, crashed again): its samples score None; both workers were replaced.
+        assert out.workers_restarted == 2
         assert out.errors[label] >= 2 and out.per_reward[label].count(None) == out.errors[label]
         assert all(info["error"].startswith("reward worker lost") for info in out.info[label] if info)
         assert group(["p"], ["fine again"]).total == [1.0]
+    finally:
+        group.shutdown()
+
+
+def test_a_reward_worker_killed_mid_batch_is_replaced_and_its_chunk_scored_again(ray_local) -> None:
+    """SIGKILL on the reward worker's process while it scores: the replacement scores the chunk, so no
+    sample goes unscored."""
+    import ray
+
+    specs = [RewardSpec(import_path="toy_rewards:slow_digit_fraction")]
+    group = RewardGroup(specs, RewardWorkersConfig(num_workers=1))
+    try:
+        pid = ray.get(group._workers[0].pid.remote())
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()  # inside the 3 s plugin call
+        out = group(["p"] * 4, ["1", "a", "22", "b2"])
+        assert out.workers_restarted == 1
+        assert out.total == [1.0, 0.0, 1.0, 0.5] and out.errors[specs[0].label] == 0
     finally:
         group.shutdown()
 

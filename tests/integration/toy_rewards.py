@@ -59,3 +59,11 @@ def label_is_yes(
     """1.0 for rows whose `label` column is "yes", whatever the completion: an accuracy that only the data
     rows decide (rlstack eval with a config's own data)."""
     return [1.0 if value == "yes" else 0.0 for value in label]
+
+
+def slow_digit_fraction(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """`digit_fraction`, after 3 s (long enough for a test to kill the worker inside the call)."""
+    import time
+
+    time.sleep(3)
+    return digit_fraction(prompts, completions, **columns)
