@@ -357,7 +357,6 @@ class Trainer:
     def _sync_weights(self) -> dict[str, float]:
         """New weights into the engines, by `rollout.weight_sync` (rollout.sync.push). An engine that dies
         or hangs during the push is replaced and the push made again, in full."""
-        from rlstack.faults import ActorFailure
         from rlstack.rollout.sync.push import push_policy
 
         try:
@@ -365,15 +364,13 @@ class Trainer:
         except LearnerFailure:
             raise
         except Exception as error:  # a failed engine: whatever the transport raised
-            replaced = self.rollout.check_health()
+            replaced = self.rollout.check_health()  # replacements get the weights (`_refresh_engines`)
             if not replaced:
                 raise
             logger.error(
                 "weight sync failed (%s); replaced rollout workers %s, pushing again", error, replaced
             )
-            if isinstance(error, ActorFailure) or self.rollout.weight_sync.pushes_from_learner:
-                self._rebuild_weight_sync()
-            return push_policy(self.learner, self.rollout)
+            return push_policy(self.learner, self.rollout)  # the failed push forgot its digests: in full
 
     def _refresh_engines(self, slots: list[int]) -> None:
         """Replaced rollout workers onto the learner's current weights (`RolloutGroup.on_replace`)."""

@@ -115,6 +115,7 @@ class RolloutGroup:
         self.deadlines = Deadlines(
             self.faults, Deadlines.checkpoint_mb(model_path) if Path(model_path).is_dir() else 0.0
         )
+        self._turns = env.max_turns if env is not None else 1  # a generate call's deadline scales with them
         self._spawn = lambda v, path=self.model_path: actor.remote(
             path, config, v, env, sandbox, record_routing
         )
@@ -177,7 +178,7 @@ class RolloutGroup:
     def _dispatch(self, slot: int, prompts: list[Prompt], sampling: SamplingConfig, tools: bool) -> _Part:
         worker = self.workers[slot]
         self._busy[slot] += 1
-        tokens = len(prompts) * sampling.n * sampling.max_tokens
+        tokens = len(prompts) * sampling.n * sampling.max_tokens * (self._turns if tools else 1)
         return _Part(slot, prompts, worker, worker.generate.remote(prompts, sampling, tools), tokens)
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:

@@ -21,6 +21,7 @@ import yaml
 from rlstack.config import load_config
 from rlstack.driver import Trainer
 from rlstack.metrics import read_metrics
+from rlstack.run_dir import RunDirLockedError
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.deepspeed]
 
@@ -144,9 +145,16 @@ def test_a_learner_killed_between_steps_restarts_from_the_last_checkpoint(tmp_pa
     step_2, rolls the engines back, redoes step 3 exactly (same loss) and finishes; every step is logged
     once, and the data cursor and the trained prompts show nothing repeated or skipped."""
     run_dir = tmp_path / "run"
+    # a previous run's outputs in the directory, with a broken initial policy: moved aside, never reused
+    stale_init = run_dir / "checkpoints" / "init"
+    stale_init.mkdir(parents=True)
+    (stale_init / "config.json").write_text("{not json")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "actor/loss": 99.0}\n')
     cfg = config(run_dir, trainer={"steps": 5, "checkpoint_every": 2, "keep_last": 1})
     with Trainer(load_config(write(cfg, tmp_path / "run.yaml"))) as trainer:
         thread, out = fit_in_thread(trainer)
+        with pytest.raises(RunDirLockedError, match=f"pid {os.getpid()}"):  # one run per directory
+            Trainer(load_config(write(cfg, tmp_path / "second.yaml")))
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and 3 in step_records(run_dir), "step 3")
         first_step_3 = step_records(run_dir)[3]
         old_pid = trainer.learner.info[0]["pid"]
@@ -167,6 +175,25 @@ def test_a_learner_killed_between_steps_restarts_from_the_last_checkpoint(tmp_pa
     assert placement["learner"][0]["pid"] != old_pid  # rewritten for the new learner
     assert Path(result["checkpoint"]).name == "step_5"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["init", "latest", "step_5"]
+    (previous,) = (run_dir / "previous").iterdir()
+    assert (previous / "checkpoints" / "init" / "config.json").read_text() == "{not json"
+    assert (previous / "metrics.jsonl").read_text() == '{"step": 1, "actor/loss": 99.0}\n'
+    assert not (run_dir / ".rlstack.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("trainer_ray")
+def test_a_learner_failure_beyond_max_learner_restarts_stops_naming_the_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = config(run_dir, trainer={"steps": 4, "checkpoint_every": 1}, faults={"max_learner_restarts": 0})
+    with Trainer(load_config(write(cfg, tmp_path / "run.yaml"))) as trainer:
+        thread, out = fit_in_thread(trainer)
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), "the step-1 checkpoint")
+        os.kill(trainer.learner.info[0]["pid"], signal.SIGKILL)
+        with pytest.raises(
+            RuntimeError, match=r"learner rank 0 .* died during .*max_learner_restarts = 0.*--resume"
+        ):
+            finish(thread, out)
 
 
 # ---- whole runs: SIGKILL inside a save, SIGTERM ------------------------------------------------------
@@ -188,6 +215,18 @@ def session_processes(sid: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return found
+
+
+def resume_to_the_end(config_path: Path, run_dir: Path, steps: int) -> None:
+    """`rlstack train --resume` finishes the run; every step is then logged exactly once."""
+    resumed = subprocess.run(
+        [*CLI, "train", str(config_path), "--resume", str(run_dir), "--no-progress"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(step_records(run_dir)) == list(range(1, steps + 1))
 
 
 @pytest.mark.slow
@@ -220,14 +259,7 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_checkpoint(t
     assert not (checkpoints / "step_4").exists()
     assert any(p.name.startswith(".staging-step_4") for p in checkpoints.iterdir())  # the half-written save
 
-    resumed = subprocess.run(
-        [*CLI, "train", str(path), "--resume", str(run_dir), "--no-progress"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(step_records(run_dir)) == [1, 2, 3, 4, 5, 6]
+    resume_to_the_end(path, run_dir, steps=6)
     assert not any(p.name.startswith(".") for p in checkpoints.iterdir())  # the leftover was cleaned up
     assert (checkpoints / "latest").read_text() == "step_6"
 
@@ -272,11 +304,4 @@ def test_sigterm_saves_a_checkpoint_stops_everything_and_resume_continues(tmp_pa
     assert shm_bytes() <= shm_before + (1 << 20), "/dev/shm grew"
     assert not (run_dir / ".rlstack.lock").exists()
 
-    resumed = subprocess.run(
-        [*CLI, "train", str(path), "--resume", str(run_dir), "--no-progress"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(step_records(run_dir)) == [1, 2, 3, 4, 5, 6]
+    resume_to_the_end(path, run_dir, steps=6)

@@ -74,7 +74,8 @@ class WeightSyncBackend(ABC):
         """Best effort after a failed push: finish the reload (modules still waiting for tensors get their
         old ones back) so the engines can generate again; the push's own error is the one raised."""
         with contextlib.suppress(Exception):  # the engines are already broken; report the first error
-            self._get([w.finish_update.remote(None) for w in self.workers])
+            # briefly: a hung engine (the usual reason to be here) would only make the error wait
+            ray.get([w.finish_update.remote(None) for w in self.workers], timeout=30.0)
 
     def _get(self, refs: list[Any]) -> list[Any]:
         """`ray.get` under the push's deadline (`timeout_s`)."""
