@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlstack.config import ConfigError, RunConfig, dump_config
-from rlstack.faults import Deadlines, LearnerFailure, StopSignals
+from rlstack.faults import Deadlines, FaultCounters, LearnerFailure, StopSignals
 from rlstack.mispo.config import AlgorithmConfig
 from rlstack.rewards.scoring import score_rollouts, unscored_reason
 from rlstack.run import check_env, init_ray, initial_policy
-from rlstack.run_dir import CHECKPOINTS, latest_checkpoint
+from rlstack.run_dir import CHECKPOINTS, claim_run_dir, latest_checkpoint
+from rlstack.step_metrics import StageTimer, reward_summary, rollout_metrics
 from rlstack.types import Rollout
 
 if TYPE_CHECKING:
@@ -590,18 +591,6 @@ class Trainer:
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
-def claim_run_dir(run_dir: Path) -> Any:
-    """The run directory's lock (rlstack.run_dir.RunDirLock), held until the run closes: a second run on
-    the same directory fails here, naming the first; a lock a dead run left behind is reported and taken."""
-    from rlstack.run_dir import RunDirLock
-
-    lock = RunDirLock(run_dir)
-    stale = lock.acquire()
-    if stale is not None:
-        logger.warning("%s", stale)
-    return lock
-
-
 def check_outside_outputs(cfg: RunConfig, run_dir: Path) -> None:
     """A fresh run moves the previous run's outputs aside: the policy it starts from must not be one."""
     if cfg.model.path is None or not Path(cfg.model.path).exists():
@@ -616,65 +605,3 @@ def check_outside_outputs(cfg: RunConfig, run_dir: Path) -> None:
                 "aside; copy that checkpoint elsewhere, pick another trainer.run_dir, or continue the run "
                 f"with --resume {run_dir}"
             )
-
-
-@dataclass
-class FaultCounters:
-    """What the run survived so far (`faults/*` metrics): learner restarts, steps they redid, seconds lost."""
-
-    learner_restarts: int = 0
-    steps_redone: int = 0
-    lost_seconds: float = 0.0
-
-    def metrics(self, rollout: Any) -> dict[str, float]:
-        return {
-            "faults/rollout_restarts": float(rollout.restarts),
-            "faults/learner_restarts": float(self.learner_restarts),
-            "faults/steps_redone": float(self.steps_redone),
-            "faults/lost_seconds": self.lost_seconds + rollout.lost_seconds,
-        }
-
-
-class StageTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, stage: str) -> StageTimer:
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] = time.perf_counter() - self._start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}
-
-
-def reward_summary(rewards: list[float | None]) -> dict[str, float]:
-    """Reward metrics over the SCORED samples (`reward/mean`, `reward/std`, `reward/accuracy`: > 0.5), and
-    the unscored ones counted on their own (`reward/unscored`, `reward/unscored_frac`), never as wrong."""
-    scored = torch.tensor([r for r in rewards if r is not None], dtype=torch.float64)  # (S,)
-    n = len(rewards)
-    return {
-        "reward/mean": scored.mean().item() if len(scored) else float("nan"),
-        "reward/std": scored.std().item() if len(scored) > 1 else float("nan"),
-        "reward/accuracy": (scored > 0.5).double().mean().item() if len(scored) else float("nan"),
-        "reward/unscored": float(n - len(scored)),
-        "reward/unscored_frac": (n - len(scored)) / max(n, 1),
-    }
-
-
-def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_step: int) -> dict[str, float]:
-    from rlstack.rollout.multiturn import episode_metrics
-
-    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
-    return episode_metrics(rollouts) | {
-        "response/length_mean": lengths.mean().item(),
-        "response/length_max": lengths.max().item(),
-        "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
-        "throughput/generate_wait_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
-        "batch/generated_for_step": float(generated_at_step),
-    }

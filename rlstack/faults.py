@@ -146,6 +146,23 @@ class Deadlines:
         return max(1.0, sum(f.stat().st_size for f in files) / 2**20)
 
 
+@dataclass
+class FaultCounters:
+    """What the run survived so far (`faults/*` metrics): learner restarts, steps they redid, seconds lost."""
+
+    learner_restarts: int = 0
+    steps_redone: int = 0
+    lost_seconds: float = 0.0
+
+    def metrics(self, rollout: Any) -> dict[str, float]:
+        return {
+            "faults/rollout_restarts": float(rollout.restarts),
+            "faults/learner_restarts": float(self.learner_restarts),
+            "faults/steps_redone": float(self.steps_redone),
+            "faults/lost_seconds": self.lost_seconds + rollout.lost_seconds,
+        }
+
+
 class StopSignals:
     """SIGINT / SIGTERM during training, as a request: the first sets `received` (the loop finishes its
     step, saves a checkpoint and shuts down); a second raises KeyboardInterrupt (abandon the step; the

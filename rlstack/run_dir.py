@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shlex
@@ -285,3 +286,13 @@ def pause_point(name: str) -> None:
     if flag:
         Path(flag).touch()
     time.sleep(float(os.environ.get("RLSTACK_TEST_PAUSE_S", "3600")))
+
+
+def claim_run_dir(run_dir: Path) -> RunDirLock:
+    """The run directory's lock, held until the caller releases it: a second run on the same directory
+    fails here, naming the first; a lock a dead run left behind is logged and taken over."""
+    lock = RunDirLock(run_dir)
+    stale = lock.acquire()
+    if stale is not None:
+        logging.getLogger(__name__).warning("%s", stale)
+    return lock

@@ -267,7 +267,7 @@ class RolloutGroup:
         if self.on_replace is not None:
             self.on_replace([slot])
         logger.warning(
-            "%s replaced rollout worker %d (%d replaced so far)", self.names[slot], slot, self.restarts
+            "rollout worker %d replaced: now %s (%d so far)", slot, self.names[slot], self.restarts
         )
 
     def rebuild_weight_sync(self) -> WeightSyncBackend:

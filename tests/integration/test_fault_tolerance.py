@@ -140,6 +140,32 @@ def test_killed_and_hung_rollout_workers_are_replaced_and_the_run_trains_every_s
 
 
 @pytest.mark.usefixtures("trainer_ray")
+def test_an_async_engine_worker_killed_mid_generation_leaves_no_engine_process(tiny_checkpoint: Path) -> None:
+    """vLLM's AsyncLLM runs its engine core in a process of its own, which Ray does not kill with the actor:
+    the group kills it when it replaces the worker. The call still returns every rollout."""
+    from rlstack.rollout.config import RolloutConfig, SamplingConfig
+    from rlstack.rollout.group import RolloutGroup
+    from rlstack.rollout.worker import Prompt
+
+    shm_before = shm_bytes()
+    sampling = SamplingConfig(n=4, max_tokens=256, min_tokens=256)
+    config = RolloutConfig(engine="async", sampling=sampling, max_model_len=512)
+    with RolloutGroup(tiny_checkpoint, config) as group:
+        engine_processes = group.info[0]["children"]
+        assert engine_processes, "AsyncLLM should run its engine core in a child process"
+        pending = group.submit([Prompt(f"p{i}", text="<|user|>1+1<|assistant|>") for i in range(4)], step=7)
+        time.sleep(1.0)
+        assert not pending.ready()
+        os.kill(group.info[0]["pid"], signal.SIGKILL)
+        rollouts = group.collect(pending)
+        assert len(rollouts) == 16 and group.restarts == 1
+        assert "died during `generate` at step 7" in group.failures[0]
+    left = [p for p in engine_processes if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert left == [], f"engine processes of the killed worker still running: {left}"
+    assert shm_bytes() <= shm_before + (1 << 20), "/dev/shm grew"
+
+
+@pytest.mark.usefixtures("trainer_ray")
 def test_a_learner_killed_between_steps_restarts_from_the_last_checkpoint(tmp_path: Path) -> None:
     """The learner's process is SIGKILLed after step 3 (checkpoint at step 2): the run restarts it from
     step_2, rolls the engines back, redoes step 3 exactly (same loss) and finishes; every step is logged
