@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
-.PHONY: setup sandbox demo test test-slow lint bench
+.PHONY: setup sandbox browser demo test test-slow lint bench
 
 setup:
 	scripts/setup.sh
@@ -11,10 +11,14 @@ demo: setup
 sandbox: setup
 	.venv/bin/rlstack sandbox setup
 
-test: setup sandbox
+# Headless Chromium (Debian's package), in which the tests open the run report and the live dashboard.
+browser:
+	scripts/install_chromium.sh
+
+test: setup sandbox browser
 	scripts/test.sh
 
-test-slow: setup
+test-slow: setup browser
 	.venv/bin/python -m pytest -m slow -v
 
 lint: setup

@@ -183,7 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="which sandbox backends this host can run, and what the others need"
     )
     p.set_defaults(handler=cmd_sandbox_status)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of one or more runs (overlaid): training curves, off-policy "
+        "health, time per stage, a rollout browser with per-token log-ratios",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--out", default="report.html", help="HTML file to write (default: report.html)")
+    add_report_budgets(p)
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser(
+        "dashboard", help="the report page served on 127.0.0.1, refreshing while the runs go (Ctrl-C stops)"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
+    p.add_argument("--refresh-s", type=float, default=5.0, help="seconds between the page's data checks")
+    add_report_budgets(p)
+    p.set_defaults(handler=cmd_dashboard)
     return parser
+
+
+def add_report_budgets(p: argparse.ArgumentParser) -> None:
+    from rlstack.monitor.report.data import MAX_ROLLOUTS, MAX_TOKENS
+
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=MAX_TOKENS,
+        help=f"per-token samples to include, in tokens (default {MAX_TOKENS:,}; steps spread over the run)",
+    )
+    p.add_argument(
+        "--max-rollouts",
+        type=int,
+        default=MAX_ROLLOUTS,
+        help=f"rollout records to include (default {MAX_ROLLOUTS:,}; steps spread over the run)",
+    )
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -560,6 +597,34 @@ def print_sandbox_table() -> dict[str, str | None]:
             strict = "?"
         print(f"{name:<12}{strict:<8}{'ready' if reason is None else reason}")
     return missing
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rlstack.monitor.report import ReportError, write_report
+
+    try:
+        path = write_report(args.run_dirs, args.out, args.max_tokens, args.max_rollouts)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from rlstack.monitor.report import DashboardServer, ReportError
+
+    try:
+        server = DashboardServer(
+            args.run_dirs, args.host, args.port, args.refresh_s, args.max_tokens, args.max_rollouts
+        )
+    except (ReportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dashboard of {', '.join(args.run_dirs)}: {server.url}  (Ctrl-C stops it)", flush=True)
+    server.start().wait()
+    print("dashboard stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from rlstack.envs.config import EnvConfig, SandboxConfig
 from rlstack.faults import FaultsConfig
 from rlstack.learner.config import LearnerConfig
 from rlstack.mispo.config import AlgorithmConfig
+from rlstack.monitor.config import LoggingConfig
 from rlstack.rewards.config import RewardSpec, RewardWorkersConfig
 from rlstack.rollout.config import RolloutConfig
 
@@ -54,6 +55,16 @@ class ModelConfig(StrictModel):
 
 
 class TrainerConfig(StrictModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError(
+                "trainer.tensorboard moved: list the sinks in logging.sinks (tensorboard, wandb, mlflow; "
+                "[] = metrics.jsonl only)"
+            )
+        return data
+
     run_dir: str = "runs/default"
     """Directory for the resolved config, metrics, checkpoints, samples and logs."""
     seed: int = 0
@@ -75,8 +86,6 @@ class TrainerConfig(StrictModel):
     """Keep the newest N `step_*` checkpoints (older ones are deleted after each save; 0 = keep all)."""
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation every N steps (0 = only before and after training)."""
-    tensorboard: bool = True
-    """Also write metrics to TensorBoard under `tb/`."""
     ray_address: str | None = None
     """Ray cluster to join (`auto` under `ray job submit`). None: join RAY_ADDRESS if set, else start a
     local Ray with `local_cpus` CPUs."""
@@ -130,6 +139,8 @@ class RunConfig(StrictModel):
     response per prompt."""
     faults: FaultsConfig = FaultsConfig()
     """Deadlines of remote calls; replacing failed rollout workers and restarting a failed learner."""
+    logging: LoggingConfig = LoggingConfig()
+    """Metric sinks (TensorBoard, W&B, MLflow), progress output, per-token samples (docs/metrics.md)."""
     sft: SFTConfig = SFTConfig()
     """Supervised warm start (`rlstack sft`)."""
     eval: EvalConfig = EvalConfig()

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +136,8 @@ class Trainer:
             logger.warning("cleaned up %s: left by a checkpoint save that never finished", path)
 
     def _start(self, policy: Path, resume_from: Path | None, driver_state: dict[str, Any] | None) -> None:
-        from rlstack.metrics import SAMPLES, MetricsSink, truncate_metrics
+        from rlstack.metrics import MetricsSink, truncate_metrics
+        from rlstack.monitor.samples import SampleWriter
         from rlstack.rewards.group import RewardGroup
         from rlstack.rollout.sync.push import attach
 
@@ -145,12 +145,12 @@ class Trainer:
         self._start_learner_and_rollout(policy, version=driver_state["step"] if driver_state else 0)
         if resume_from is not None and driver_state is not None:
             self._restore(resume_from, driver_state)
-        self.samples_path = self.run_dir / SAMPLES
-        self.samples_path.parent.mkdir(exist_ok=True)
         truncate_metrics(self.run_dir, self.step_index)  # a resumed run rewrites the steps it redoes
+        tokenizer = self.tokenizer
+        self.samples = SampleWriter(self.run_dir, self.cfg.logging, lambda t: str(tokenizer.decode([t])))
         attach(self.learner, self.rollout)  # broadcast: the learner's rank 0 gets the backend
         self.rollout.on_replace = self._refresh_engines
-        self.sink = MetricsSink(self.run_dir, tensorboard=self.cfg.trainer.tensorboard)
+        self.sink = MetricsSink(self.run_dir, self.cfg.logging, run_config=self.cfg.model_dump(mode="json"))
         self._record_placement()
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -209,10 +209,12 @@ class Trainer:
             sync_metrics = self._sync_weights()
         self.step_index += 1
         metrics = {**reward_metrics, **staleness_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
-        metrics |= rollout_metrics(rollouts, timer.seconds["generate"], generated_at)
+        metrics |= rollout_metrics(rollouts, timer.seconds, generated_at)
         metrics |= self.faults.metrics(self.rollout) | {"data/prompts_drawn": float(self.source.drawn)}
         self.sink.log(self.step_index, metrics)
-        self._save_samples(rollouts, batch, reward_info, stale)
+        self.samples.write(
+            self.step_index, rollouts, batch, reward_info, stale, self.step_index - 1, self.max_staleness
+        )
         return metrics
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -230,7 +232,12 @@ class Trainer:
         after: dict[str, float] | None = None  # the evaluation of the current step, once made
         final: Path | None = None  # the checkpoint of the current step, once saved
         with (
-            TrainProgress(self.cfg.trainer.steps, self.step_index, enabled=progress) as bar,
+            TrainProgress(
+                self.cfg.trainer.steps,
+                self.step_index,
+                enabled=progress,
+                every_s=self.cfg.logging.progress_every_s,
+            ) as bar,
             StopSignals() as stop,
         ):
             while self.step_index < self.cfg.trainer.steps and stop.received is None:
@@ -517,6 +524,7 @@ class Trainer:
             attach(self.learner, self.rollout)
         push_policy(self.learner, self.rollout)  # the engines roll back to the checkpoint's weights
         truncate_metrics(self.run_dir, self.step_index)
+        self.sink.redo(self.step_index + 1)
         self.faults.learner_restarts += 1
         self.faults.steps_redone += redone
         self.faults.lost_seconds += time.monotonic() - started
@@ -533,36 +541,6 @@ class Trainer:
         }
         (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
         self.sink.log(self.step_index, {"placement": placement})
-
-    def _save_samples(
-        self, rollouts: list[Rollout], batch: Any, reward_info: list[dict[str, Any]], stale: list[Rollout]
-    ) -> None:
-        """One record per rollout of the step; those dropped by the staleness rule are kept too (never
-        trained, not scored), so no generated data disappears without a trace."""
-        traj_ok = batch.filter.traj_mask.tolist()
-        trained = zip(rollouts, traj_ok, reward_info, strict=True)
-        dropped: Iterator[tuple[Rollout, bool, dict[str, Any]]] = ((r, False, {}) for r in stale)
-        with self.samples_path.open("a") as f:
-            for rollout, accepted, info in (*trained, *dropped):
-                record = {
-                    "step": self.step_index,
-                    "prompt_id": rollout.prompt_id,
-                    "version": rollout.version,
-                    "oldest_version": rollout.oldest_version,
-                    "staleness": rollout.staleness(self.step_index - 1),
-                    "prompt": rollout.prompt_text,
-                    "response": rollout.response_text,
-                    "reward": rollout.reward,
-                    "finish_reason": rollout.finish_reason,
-                    "traj_accepted": bool(accepted),
-                }
-                if rollout.reward is None:
-                    record["unscored_reason"] = rollout.unscored_reason
-                if any(rollout is r for r in stale):
-                    record["dropped"] = f"stale: more than {self.max_staleness} updates old"
-                if info:
-                    record["reward_info"] = info
-                f.write(json.dumps(record, default=str) + "\n")
 
     def close(self) -> None:
         import ray

@@ -65,9 +65,11 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
     nll = AlgorithmConfig(name="mispo", traj_filter="off", loss_norm="token_mean")
     # Metrics live outside the policy directory, which must hold only what a checkpoint loader reads.
     archive_previous_run([run_dir / "logs" / "sft" / "metrics.jsonl"])
-    sink = MetricsSink(run_dir / "logs" / "sft", tensorboard=cfg.trainer.tensorboard)
+    sink = MetricsSink(run_dir / "logs" / "sft", cfg.logging)
     try:
-        with TrainProgress(cfg.sft.steps, 0, enabled=progress) as bar:
+        with TrainProgress(
+            cfg.sft.steps, 0, enabled=progress, every_s=cfg.logging.progress_every_s, name="sft"
+        ) as bar:
             for step in range(1, cfg.sft.steps + 1):
                 rows = source.next_batch(cfg.sft.batch_size)
                 batch = collate(

@@ -42,14 +42,20 @@ def reward_summary(rewards: list[float | None]) -> dict[str, float]:
     }
 
 
-def rollout_metrics(rollouts: list[Rollout], generate_s: float, generated_at_step: int) -> dict[str, float]:
+def rollout_metrics(
+    rollouts: list[Rollout], stage_seconds: dict[str, float], generated_at_step: int
+) -> dict[str, float]:
+    """Response lengths, and generated tokens per second of waiting for generation
+    (`throughput/generate_wait_tokens_per_s`) and per second of the whole step (`throughput/tokens_per_s`)."""
     from rlstack.rollout.multiturn import episode_metrics
 
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float)
+    generate_s, step_s = stage_seconds["generate"], sum(stage_seconds.values())
     return episode_metrics(rollouts) | {
         "response/length_mean": lengths.mean().item(),
         "response/length_max": lengths.max().item(),
         "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
         "throughput/generate_wait_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
+        "throughput/tokens_per_s": lengths.sum().item() / max(step_s, 1e-9),
         "batch/generated_for_step": float(generated_at_step),
     }

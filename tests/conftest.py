@@ -13,6 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every metric a test logs through MetricsSink must be in rlstack/monitor/registry.py (docs/metrics.md).
+os.environ.setdefault("RLSTACK_STRICT_METRICS", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -29,7 +29,7 @@ STEPS = 2
 
 def make_trainer(tmp_path: Path, name: str, **sections: dict) -> Trainer:
     config = {
-        "trainer": {"run_dir": str(tmp_path / name), "prompts_per_step": 4, "tensorboard": False,
+        "trainer": {"run_dir": str(tmp_path / name), "prompts_per_step": 4,
                     "mode": "async", "max_staleness": 1},
         "rollout": {"sampling": {"n": 4, "max_tokens": 16}},
         "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-3},

@@ -100,7 +100,7 @@ def trainer_run(run_dir: Path, builder: str, **learner: object) -> dict:
     """A 2-step run as small as tests/integration/test_driver.py's, on a fresh `builder` policy."""
     return {
         "model": {"builder": builder},
-        "trainer": {"run_dir": str(run_dir), "steps": 2, "prompts_per_step": 4, "tensorboard": False},
+        "trainer": {"run_dir": str(run_dir), "steps": 2, "prompts_per_step": 4},
         "rollout": {"sampling": {"n": 4, "max_tokens": 24}},
         "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-3, **learner},
         "algorithm": {"traj_filter": "off"},

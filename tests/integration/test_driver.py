@@ -25,7 +25,7 @@ COMPARED = ("reward/mean", "actor/loss", "actor/grad_norm", "filter/token_accept
 
 def tiny_run(run_dir: Path, **sections: dict) -> dict:
     config = {
-        "trainer": {"run_dir": str(run_dir), "steps": 5, "prompts_per_step": 4, "tensorboard": False},
+        "trainer": {"run_dir": str(run_dir), "steps": 5, "prompts_per_step": 4},
         "rollout": {"sampling": {"n": 4, "max_tokens": 24}},
         "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-3},
         "algorithm": {"traj_filter": "off"},

@@ -30,7 +30,7 @@ PROMPTS, N = 4, 4  # samples per step: 16
 
 def config(run_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "trainer": {"run_dir": str(run_dir), "steps": 4, "prompts_per_step": PROMPTS, "tensorboard": False},
+        "trainer": {"run_dir": str(run_dir), "steps": 4, "prompts_per_step": PROMPTS},
         "rollout": {"sampling": {"n": N, "max_tokens": 24}},
         "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-3},
         "algorithm": {"traj_filter": "off"},

@@ -265,7 +265,6 @@ def test_trainer_trains_multi_turn_episodes_with_tool_tokens_out_of_the_loss(
                 "run_dir": str(tmp_path / "run"),
                 "steps": 2,
                 "prompts_per_step": 4,
-                "tensorboard": False,
             },
             "rollout": {"sampling": {"n": 4, "max_tokens": 64}, "max_model_len": 320},
             "env": {"name": "python_tool", "max_turns": 3},

@@ -57,7 +57,6 @@ def test_ray_job_submit_trains_and_writes_a_vllm_loadable_checkpoint(tmp_path: P
                         "run_dir": str(run_dir),
                         "steps": 2,
                         "prompts_per_step": 4,
-                        "tensorboard": False,
                     },
                     "rollout": {"sampling": {"n": 2, "max_tokens": 16}},
                     "eval": {"num_problems": 4, "samples": 1},

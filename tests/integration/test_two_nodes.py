@@ -44,7 +44,6 @@ def test_rollout_and_learner_run_on_the_nodes_their_resources_name(tmp_path: Pat
                 "run_dir": str(run_dir),
                 "steps": 2,
                 "prompts_per_step": 2,
-                "tensorboard": False,
                 "checkpoint_every": 0,
                 "ray_address": address,
             },

@@ -30,7 +30,7 @@ def broadcast_run(run_dir: Path, weight_sync: str) -> RunConfig:
     """A 2-step run as small as tests/integration/test_driver.py's, syncing by broadcast in 1 MiB buckets."""
     return RunConfig.model_validate(
         {
-            "trainer": {"run_dir": str(run_dir), "steps": 2, "prompts_per_step": 4, "tensorboard": False},
+            "trainer": {"run_dir": str(run_dir), "steps": 2, "prompts_per_step": 4},
             "rollout": {"sampling": {"n": 4, "max_tokens": 24}, "weight_sync": weight_sync, "bucket_mb": 1},
             "learner": {"micro_batch_size": 16, "zero_stage": 2, "lr": 1e-3},
             "algorithm": {"traj_filter": "off"},

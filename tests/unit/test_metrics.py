@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rlstack.metrics import MetricsSink, archive_previous_run, read_metrics, truncate_metrics
+from rlstack.monitor.config import LoggingConfig
 
 
 def test_sink_truncate_and_archive(tmp_path: Path) -> None:
-    sink = MetricsSink(tmp_path, tensorboard=False)
+    sink = MetricsSink(tmp_path, LoggingConfig(sinks=[]))
     for step in (1, 2, 3):
-        sink.log(step, {"loss": float(step), "nan": float("nan")})
+        sink.log(step, {"actor/loss": float(step), "reward/mean": float("nan")})
     sink.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-    assert read_metrics(tmp_path)[0]["nan"] is None  # JSON has no NaN
+    assert read_metrics(tmp_path)[0]["reward/mean"] is None  # JSON has no NaN
 
     truncate_metrics(tmp_path, last_step=2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
@@ -31,7 +34,7 @@ def test_expert_health_goes_to_tensorboard_and_loads_to_their_own_table(tmp_path
     expert_load.jsonl only (rewritten like metrics.jsonl on resume)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sink = MetricsSink(tmp_path, tensorboard=True)
+    sink = MetricsSink(tmp_path, LoggingConfig(sinks=["tensorboard"]))
     for step in (1, 2):
         loads = {f"moe/load/{layer}/{e}": float(step * 10 + e) for layer in (1, 3) for e in range(4)}
         sink.log(step, {"moe/layer1/max_violation": 0.5 * step, **loads})
@@ -50,3 +53,14 @@ def test_expert_health_goes_to_tensorboard_and_loads_to_their_own_table(tmp_path
     }
     truncate_metrics(tmp_path, last_step=1)
     assert len((tmp_path / "expert_load.jsonl").read_text().splitlines()) == 1
+
+
+def test_an_unregistered_metric_fails_in_strict_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = MetricsSink(tmp_path, LoggingConfig(sinks=[]))
+    monkeypatch.setenv("RLSTACK_STRICT_METRICS", "1")
+    with pytest.raises(ValueError, match=r"unregistered metric key.*actor/made_up"):
+        sink.log(1, {"actor/loss": 1.0, "actor/made_up": 2.0})
+    monkeypatch.setenv("RLSTACK_STRICT_METRICS", "0")
+    sink.log(1, {"actor/loss": 1.0, "actor/made_up": 2.0})  # a plugin's own metric: logged, with a warning
+    sink.close()
+    assert read_metrics(tmp_path)[-1]["actor/made_up"] == 2.0
