@@ -125,15 +125,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def archive_previous_run(paths: list[Path]) -> None:
-    """A fresh run in a used run directory: move the old run's files aside (`name.<time>.ext`), never
-    mixing two runs in one file and never deleting what a run produced."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in paths:
-        if path.exists():
-            path.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
-
-
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop the records of steps after `last_step` from every per-step file of the run (a resumed or
     restarted run rewrites the steps it redoes): metrics.jsonl, the expert-load table, and the samples

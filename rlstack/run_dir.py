@@ -46,7 +46,11 @@ RUN_OUTPUTS: tuple[str, ...] = (
     "metrics.jsonl",
     "expert_load.jsonl",
     "samples",
+    "log_ratio.jsonl",
     "tb",
+    "wandb",
+    "mlruns",
+    "sink_runs.json",
     "placement.json",
     "checkpoints",
 )

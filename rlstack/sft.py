@@ -50,9 +50,10 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
 
     from rlstack.data.sources import PromptSource
     from rlstack.learner import LearnerGroup, collate
-    from rlstack.metrics import MetricsSink, archive_previous_run
+    from rlstack.metrics import MetricsSink
     from rlstack.mispo import AlgorithmConfig, apply_filters
     from rlstack.progress import TrainProgress
+    from rlstack.run_dir import archive_previous_run
 
     run_dir = Path(cfg.trainer.run_dir)
     out_dir = run_dir / cfg.sft.output
@@ -64,7 +65,7 @@ def run_sft(cfg: RunConfig, progress: bool = True) -> Path:
     learner = LearnerGroup(policy, cfg.learner.model_copy(update={"lr": cfg.sft.lr, "n_minibatches": 1}))
     nll = AlgorithmConfig(name="mispo", traj_filter="off", loss_norm="token_mean")
     # Metrics live outside the policy directory, which must hold only what a checkpoint loader reads.
-    archive_previous_run([run_dir / "logs" / "sft" / "metrics.jsonl"])
+    archive_previous_run(run_dir / "logs" / "sft")  # a fresh SFT run's logs never mix with an older one's
     sink = MetricsSink(run_dir / "logs" / "sft", cfg.logging)
     try:
         with TrainProgress(

@@ -61,12 +61,17 @@ templates = root.joinpath("rewards/templates")
 shipped = sorted(p.name for p in templates.iterdir() if p.name.endswith(".txt")) if templates.is_dir() else []
 wanted = sorted(p.name for p in (repo / "rlstack/rewards/templates").glob("*.txt"))
 assert wanted and shipped == wanted, f"reward templates: the wheel has {shipped}, the source {wanted}"
+assets = root.joinpath("monitor/report/assets")
+shipped_assets = sorted(p.name for p in assets.iterdir()) if assets.is_dir() else []
+wanted_assets = sorted(p.name for p in (repo / "rlstack/monitor/report/assets").iterdir())
+assert shipped_assets == wanted_assets, f"report assets: the wheel has {shipped_assets}, the source {wanted_assets}"
 dist = md.distribution("rlstack")
 assert dist.version == rlstack.__version__, (dist.version, rlstack.__version__)
 groups = {(e.group, e.name): e.value for e in dist.entry_points}
 assert groups.get(("console_scripts", "rlstack")) == "rlstack.cli:main", groups
 assert groups.get(("vllm.general_plugins", "rlstack")) == "rlstack.rollout.vllm_plugin:register", groups
 print(f"wheel check: rlstack {dist.version}, installed from its wheel into a fresh venv: imports, "
-      f"`rlstack --help`, py.typed, {len(shipped)} reward templates and entry points ok")
+      f"`rlstack --help`, py.typed, {len(shipped)} reward templates, {len(shipped_assets)} report assets and "
+      "entry points ok")
 EOF
 echo "wheel check passed in $(( $(date +%s) - start )) s"

@@ -466,14 +466,27 @@ class CombinedRewards:
     """Per-sample details by label (from `RewardResult`s, or the error text of a failed sample)."""
 
 
+RESERVED_LABELS = frozenset(
+    {"mean", "std", "accuracy", "unscored", "unscored_frac", "cache_hits", "workers_restarted"}
+)
+"""Names of the step's own `reward/<name>` metrics (rlstack.step_metrics, the driver): a reward labelled so
+would overwrite them."""
+
+
 def check_specs(specs: Sequence[RewardSpec]) -> None:
-    """At least one reward, and no label twice."""
+    """At least one reward, no label twice, and none that would overwrite a `reward/...` metric."""
     if not specs:
         raise RewardError("no rewards configured; add at least one, e.g. {name: math}")
     labels = [s.label for s in specs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise RewardError(f"reward(s) configured twice: {', '.join(duplicates)}")
+    reserved = sorted(label for label in labels if label in RESERVED_LABELS)
+    if reserved:
+        raise RewardError(
+            f"reward label(s) {', '.join(reserved)} would overwrite the metric reward/<label> of the same "
+            "name; register the reward under another name"
+        )
 
 
 def sample_name(i: int, sample_ids: Sequence[str] | None) -> str:

@@ -1,6 +1,7 @@
 """Dashboards on a real training run: `rlstack train` (async, MoE, every sink on) runs in a subprocess while
-the live dashboard watches it in headless Chromium; then the report of the finished run, and the TensorBoard,
-W&B (offline) and MLflow (file store) stores read back against metrics.jsonl."""
+the live dashboard watches it in headless Chromium (a refresh shows a new step; the finished run's plotted
+series equal metrics.jsonl, tokens are coloured); then the report of the finished run, checked the same
+way; then the TensorBoard, W&B (offline) and MLflow (file store) stores read back against metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -34,6 +36,13 @@ from rlstack.monitor.samples import LOG_RATIO, token_files
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.deepspeed]
 
 STEPS = 4
+PANELS = {  # panel -> metrics.jsonl keys whose plotted points must equal the file's
+    "reward": ["reward/mean"],
+    "eval": ["eval/greedy_accuracy"],
+    "length": ["response/length_mean"],
+    "acceptance": ["filter/token_accept"],
+    "time": ["time/generate", "time/train"],
+}
 
 
 def _config(run_dir: Path) -> dict:
@@ -102,29 +111,21 @@ def test_live_dashboard_report_and_sinks_on_a_real_run(tmp_path: Path) -> None:
                 later = _steps_shown(page)
                 status = page.eval("document.getElementById('live-status').innerText")
                 assert f"last step {later}" in status, status
+                assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+                # the finished run, as the page shows it after its next refreshes
+                _eventually(lambda: assert_plotted_equals_metrics(page, run_dir, PANELS) == 6)
+                assert_coloured_tokens(page)
                 assert_no_console_errors(page)
                 page.screenshot(tmp_path / "dashboard.png")
             finally:
                 server.close()
-            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
 
             # ---- the report of the finished run
             report = write_report([run_dir], tmp_path / "report.html")
             page = browser.open(report.as_uri())
             wait_ready(page)
             assert_no_console_errors(page)
-            compared = assert_plotted_equals_metrics(
-                page,
-                run_dir,
-                {
-                    "reward": ["reward/mean"],
-                    "eval": ["eval/greedy_accuracy"],
-                    "length": ["response/length_mean"],
-                    "acceptance": ["filter/token_accept"],
-                    "time": ["time/generate", "time/train"],
-                },
-            )
-            assert compared == 6
+            assert assert_plotted_equals_metrics(page, run_dir, PANELS) == 6
             for panel in ("log_ratio_version", "expert_load", "staleness_hist", "routing"):
                 assert "no " not in panel_text(page, panel).lower()[:40], panel_text(page, panel)
             assert_coloured_tokens(page)
@@ -157,6 +158,19 @@ def test_live_dashboard_report_and_sinks_on_a_real_run(tmp_path: Path) -> None:
         p.pid for p in psutil.process_iter(["cmdline"]) if "wandb-core" in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftover, f"wandb processes left: {leftover}"
+
+
+def _eventually(check: Callable[[], object], timeout: float = 20.0) -> None:
+    """`check()` until it passes (the dashboard redraws every 0.5 s); its last failure after `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _records(run_dir: Path) -> list[dict]:
