@@ -1,7 +1,7 @@
 """Screenshots of a run's report for the docs (README, docs/dashboards.md), made in headless Chromium.
 
     .venv/bin/python scripts/report_screenshots.py RUN_DIR [RUN_DIR ...] --out docs/report.png \\
-        [--from training|offpolicy|throughput|browser] [--height 2200]
+        [--from top|training|offpolicy|throughput|browser] [--height 2200]
 
 Renders `rlstack report` for the run directories, opens it at 1400 px wide, scrolls to the section named by
 --from, expands the newest trajectory with per-token data in the rollout browser, and saves one viewport of
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--from", dest="section", default="training")
+    parser.add_argument("--from", dest="section", default="top")
     parser.add_argument("--height", type=int, default=2200)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, Chromium(width=1400, height=args.height) as browser:
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         page = browser.open(report.as_uri())
         page.wait_for("window.RLSTACK && window.RLSTACK.ready === true")
         page.eval("window.RLSTACK.browse()")
-        page.eval(f"document.getElementById('sec-{args.section}').scrollIntoView()")
+        if args.section != "top":
+            page.eval(f"document.getElementById('sec-{args.section}').scrollIntoView()")
         page.eval("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
         if page.console_errors:
             print(f"console errors: {page.console_errors}", file=sys.stderr)

@@ -212,6 +212,7 @@
       bands: opts.bands || [],
     };
     const u = new uPlot(uopts, data, body);
+    if (data[0].length === 1) u.setScale("x", { min: data[0][0] - 1, max: data[0][0] + 1 }); // uPlot: [0, 2x]
     u.rl = { series: series.map((s) => ({ label: s.label, run: s.run, key: s.key, x: s.x.slice(), y: s.y.slice() })) };
     RL.charts[panelId] = u;
     return u;
