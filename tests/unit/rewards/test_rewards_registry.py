@@ -209,7 +209,7 @@ def test_group_weighted_sum_over_rewards_that_apply() -> None:
         RewardGroup.in_process([RewardSpec(name="math"), RewardSpec(name="math", weight=2.0)])
     with pytest.raises(RewardError, match="no rewards configured"):
         RewardGroup.in_process([])
-    with pytest.raises(RewardError, match="reward label.*accuracy would overwrite the metric"):
+    with pytest.raises(RewardError, match=r"reward label.*accuracy would overwrite the metric"):
         RewardGroup.in_process([RewardSpec(name="accuracy")])
     with pytest.raises(RewardError, match="unknown reward 'nope'"):
         RewardGroup.in_process([RewardSpec(name="nope")])
