@@ -245,25 +245,9 @@ def write_token_files(run_dir: Path, steps: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("step", pa.int64()),
-            ("sample", pa.int64()),
-            ("prompt_id", pa.string()),
-            ("reward", pa.float64()),
-            ("traj_accepted", pa.bool_()),
-            ("staleness", pa.int64()),
-            ("token_ids", pa.list_(pa.int64())),
-            ("tokens", pa.list_(pa.string())),
-            ("rollout_logp", pa.list_(pa.float64())),
-            ("train_logp", pa.list_(pa.float64())),
-            ("trainable", pa.list_(pa.bool_())),
-            ("tool", pa.list_(pa.bool_())),
-            ("token_accepted", pa.list_(pa.bool_())),
-            ("version", pa.list_(pa.int64())),
-            ("advantage", pa.list_(pa.float64())),
-        ]
-    )
+    from rlstack.monitor.samples import token_schema
+
+    schema = token_schema()
     (run_dir / "samples" / "tokens").mkdir(parents=True, exist_ok=True)
     for step in range(1, steps + 1):
         table = pa.Table.from_pylist(token_rows(step), schema=schema)

@@ -20,8 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from rlstack.monitor.config import LoggingConfig
 from rlstack.types import Rollout
 
@@ -127,6 +125,8 @@ class SampleWriter:
                 f.write(json.dumps(record, default=str) + "\n")
 
     def _write_log_ratio(self, step: int, batch: PolicyBatch) -> None:
+        import torch
+
         assert batch.filter is not None
         trainable = batch.loss_mask.bool()  # (B, L), unscored rows already masked out
         log_ratio = batch.filter.log_ratio[trainable].double()  # (N,)
@@ -151,11 +151,12 @@ class SampleWriter:
     ) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
+        import torch
 
         assert batch.filter is not None and batch.old_logp is not None
         traj_ok = batch.filter.traj_mask.tolist()
         rows = pick_samples(traj_ok, self.cfg.token_samples_per_step)
-        schema = _token_schema()
+        schema = token_schema()
         columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         for b in rows:
             r = rollouts[b]
@@ -191,7 +192,8 @@ class SampleWriter:
         tmp.replace(path)  # a reader never sees half a file
 
 
-def _token_schema() -> Any:
+def token_schema() -> Any:
+    """The pyarrow schema of a `samples/tokens/` file: one row per trajectory, list columns per token."""
     import pyarrow as pa
 
     return pa.schema(

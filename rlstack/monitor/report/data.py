@@ -36,12 +36,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlstack.metrics import EXPERT_LOAD
+from rlstack.monitor.samples import LOG_RATIO, ROLLOUTS, TOKENS, token_files
+
 SCHEMA = 1
 METRICS = "metrics.jsonl"
-EXPERT_LOAD = "expert_load.jsonl"
-LOG_RATIO = "log_ratio.jsonl"
-ROLLOUTS = "samples/rollouts.jsonl"
-TOKENS = "samples/tokens"
 CONFIG = "config.resolved.yaml"
 PLACEMENT = "placement.json"
 WATCHED = (METRICS, EXPERT_LOAD, LOG_RATIO, ROLLOUTS, CONFIG, PLACEMENT)
@@ -54,7 +53,6 @@ MAX_ROLLOUTS = 10_000
 MAX_TEXT = 4_000
 """Prompt and response texts longer than this are cut in the payload."""
 FLAG_TRAINABLE, FLAG_TOOL, FLAG_ACCEPTED = 1, 2, 4
-_TOKEN_FILE = re.compile(r"step_(\d+)\.parquet$")
 
 
 class ReportError(ValueError):
@@ -102,11 +100,9 @@ class PayloadBuilder:
 
     def _run(self, run_dir: Path, name: str) -> dict[str, Any]:
         warnings: list[str] = []
-        files = {f: (run_dir / f).exists() for f in (*WATCHED, TOKENS)}
+        files = {str(f): (run_dir / f).exists() for f in (*WATCHED, TOKENS)}
         if not any(files.values()):
-            raise ReportError(
-                f"{run_dir}: not a run directory (none of {', '.join((*WATCHED, TOKENS))} is there)"
-            )
+            raise ReportError(f"{run_dir}: not a run directory (none of {', '.join(files)} is there)")
         records = read_jsonl(run_dir / METRICS, warnings)
         metrics = metric_series(records) if records is not None else {}
         steps = [r["step"] for r in records or []]
@@ -372,15 +368,6 @@ def trajectory(row: dict[str, Any]) -> dict[str, Any]:
         "version": list(row.get("version") or []),
         "advantage": _rounded(row.get("advantage"), 4),
     }
-
-
-def token_files(run_dir: Path) -> dict[int, Path]:
-    """samples/tokens/step_NNNNNNN.parquet by step (a writer's *.tmp files are not listed)."""
-    found = {}
-    for path in (run_dir / TOKENS).glob("step_*.parquet"):
-        if match := _TOKEN_FILE.search(path.name):
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def spread(steps: list[int], sizes: dict[int, int], budget: int) -> list[int]:
