@@ -34,6 +34,7 @@ from rlstack.types import Rollout
 if TYPE_CHECKING:
     from rlstack.learner.batch import PolicyBatch
     from rlstack.mispo.filters import FilterResult
+    from rlstack.perf import FlopsPerToken
 
 DRIVER_STATE = "driver_state.pt"
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class Trainer:
             self._lock.release()
             raise
         self.tokenizer = AutoTokenizer.from_pretrained(policy)
+        self.flops_per_token = flops_per_token_of(policy)
         driver_state = None
         if resume_from is not None:
             driver_state = torch.load(resume_from / "trainer_state" / DRIVER_STATE, weights_only=False)
@@ -210,6 +212,7 @@ class Trainer:
         self.step_index += 1
         metrics = {**reward_metrics, **staleness_metrics, **train_metrics, **sync_metrics, **timer.metrics()}
         metrics |= rollout_metrics(rollouts, timer.seconds, generated_at)
+        metrics |= self._perf(rollouts, batch, timer.seconds, fused)
         metrics |= self.faults.metrics(self.rollout) | {"data/prompts_drawn": float(self.source.drawn)}
         self.sink.log(self.step_index, metrics)
         self.samples.write(
@@ -530,6 +533,26 @@ class Trainer:
         self.faults.lost_seconds += time.monotonic() - started
         self._record_placement()
 
+    def _perf(
+        self, rollouts: list[Rollout], batch: PolicyBatch, seconds: dict[str, float], fused: bool
+    ) -> dict[str, float]:
+        """perf/mfu, perf/learner_tflops, perf/rollout_tokens_per_s (rlstack.perf); none for a policy
+        whose architecture rlstack.perf cannot count (said once, at start)."""
+        from rlstack.perf import step_perf
+
+        if self.flops_per_token is None:
+            return {}
+        return step_perf(
+            self.flops_per_token,
+            batch.attention_mask.sum(1).tolist(),
+            seconds["train"],
+            self.learner.peak_flops,
+            sum(sum(r.response_mask or []) for r in rollouts),
+            seconds["generate"],
+            old_logprobs_seconds=None if fused else seconds.get("old_logprobs"),
+            reference=self.cfg.algorithm.kl_coef > 0.0,
+        )
+
     def _record_placement(self) -> None:
         """Which node runs what: `placement.json`, and a `placement` record in metrics.jsonl."""
         import ray
@@ -567,6 +590,21 @@ class Trainer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def flops_per_token_of(policy: Path) -> FlopsPerToken | None:
+    """The policy's model FLOPs per token (rlstack.perf), or None with a warning for an architecture it
+    cannot count (then no perf/* metrics)."""
+    from transformers import AutoConfig
+
+    import rlstack.model  # noqa: F401  (registers the Step3p5 config with transformers)
+    from rlstack.perf import model_flops_per_token
+
+    try:
+        return model_flops_per_token(AutoConfig.from_pretrained(policy))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        logger.warning("no perf/mfu for this policy: rlstack.perf cannot count its FLOPs (%s)", e)
+        return None
 
 
 def check_outside_outputs(cfg: RunConfig, run_dir: Path) -> None:

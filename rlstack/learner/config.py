@@ -11,6 +11,9 @@ from pydantic import Field, model_validator
 
 from rlstack.config_base import StrictModel
 
+DEFAULT_LOGPROB_CHUNK_TOKENS = 2048
+"""Default of `learner.logprob_chunk_tokens` (and of rlstack.learner.logprobs before a worker sets it)."""
+
 
 class CriticConfig(StrictModel):
     """The value model of the actor-critic variant (`algorithm.advantage: critic`, docs/algorithm.md): the
@@ -167,6 +170,16 @@ class LearnerConfig(StrictModel):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them (activation
     checkpointing): activation memory falls from every layer's to about one layer's, for ~1/3 more compute."""
+
+    logprob_chunk_tokens: int = Field(DEFAULT_LOGPROB_CHUNK_TOKENS, ge=0)
+    """Positions (rows x sequence positions of a micro-batch) whose vocabulary-sized logits exist at once when
+    the learner scores tokens. Above it, the LM head, log-softmax and entropy run chunk by chunk along the
+    sequence, each chunk recomputed in the backward pass (activation checkpointing), so logit memory is about
+    this many x vocabulary x a few fp32 copies instead of micro_batch_size x sequence x vocabulary: what
+    bounds the learner's memory on long responses. Costs about one more LM-head forward per training step;
+    results equal unchunked scoring to float rounding. A micro-batch with at most this many scored positions
+    runs unchunked, and so does ZeRO-3 with LoRA adapters on lm_head itself (a warning says so). 0 = never
+    chunk."""
 
     offload_optimizer: bool = False
     """ZeRO optimizer offload: AdamW states and fp32 master weights live in host memory and the update runs on

@@ -13,7 +13,9 @@ import math
 import os
 import random
 import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,8 +150,32 @@ def init_process_group(
             world_size=world_size,
             timeout=PROCESS_GROUP_TIMEOUT,
         )
+    if backend != "nccl":
+        check_build_lock()  # DeepSpeed loads (JIT-builds) its CPU shm op here
     deepspeed.init_distributed(dist_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return device
+
+
+STALE_BUILD_LOCK_S = 300.0
+"""A torch-extension build lock older than this is left by a killed process (a build takes about 60 s)."""
+
+
+def check_build_lock() -> None:
+    """DeepSpeed's shm op is loaded through torch's JIT builder, which waits, without a deadline, while its
+    build directory's `lock` file exists; a process killed mid-check leaves one behind, and every later
+    learner would hang. An old lock: fail now, naming it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise RuntimeError(
+            f"{lock} is {age:.0f} s old: left by a process killed while building DeepSpeed's shm op, and "
+            "the build would wait for it forever. Delete it (no other process is building) and start again"
+        )
 
 
 def build_engine(model: torch.nn.Module, cfg: LearnerConfig, lr: float, device: torch.device) -> Any:

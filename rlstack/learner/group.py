@@ -99,6 +99,7 @@ class LearnerGroup:
             addr = "127.0.0.1" if len(set(ips)) == 1 else ips[0]
             port = ray.get(self.actors[0].free_port.remote(), timeout=SETUP_TIMEOUT_S)
             self._call("setup", addr, port, timeout=SETUP_TIMEOUT_S)
+            self.peak_flops = sum(self._call("peak_flops", timeout=SETUP_TIMEOUT_S))  # all ranks' FLOP/s
         except BaseException:
             self.shutdown()
             raise

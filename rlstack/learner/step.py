@@ -11,6 +11,10 @@ The arithmetic that makes N ranks equal one rank (and 8 micro-batches of 1 equal
   must not divide by its accumulation count (DeepSpeed: `backward(loss, scale_wrt_gas=False)`).
 Every rank runs the same number of forward/backward passes (inert micro-batches pad the short ones),
 because ZeRO-3 gathers parameters with collectives inside each forward.
+
+Rows without learning signal (no trainable token with a nonzero advantage; with KL, no trainable token)
+skip the forward/backward where that leaves the update unchanged (`skip_is_exact`, `signal_rows`): their
+loss and gradient are exactly 0, and the normaliser is counted from the masks of ALL rows beforehand.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from rlstack.mispo import AlgorithmConfig, compute_policy_loss
 
 # Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
 SUMMED = ("actor/loss", "actor/pg_loss", "moe/balance_loss")
-# Token counts: they add up over micro-batches, ranks and mini-batches.
-COUNTED = ("actor/signal_tokens", "actor/nonfinite_logp_tokens")
+# Token and row counts: they add up over micro-batches, ranks and mini-batches.
+SKIPPED = "actor/skipped_rows"
+COUNTED = ("actor/signal_tokens", "actor/nonfinite_logp_tokens", SKIPPED)
 
 
 def old_logp_from_forward_is_exact(n_minibatches: int, algo_cfg: AlgorithmConfig) -> bool:
@@ -173,14 +178,79 @@ def global_normalizer(shard: PolicyBatch, loss_norm: str, reducer: Reducer) -> f
     return float(max(int(count.item()), 1))
 
 
-def padded_micro_batches(shard: PolicyBatch, micro_batch_size: int, reducer: Reducer) -> list[PolicyBatch]:
-    """The shard in micro-batches, padded with inert copies (loss mask 0) to the largest count of any rank."""
-    if len(shard) == 0:
+def padded_micro_batches(
+    shard: PolicyBatch, micro_batch_size: int, reducer: Reducer, pad_from: PolicyBatch | None = None
+) -> list[PolicyBatch]:
+    """The shard in micro-batches, padded with inert copies (loss mask 0) to the largest count of any rank,
+    and to at least one (the engine steps after a backward). The copies are of `pad_from`'s first row
+    (default `shard`), so `shard` may be empty when `pad_from` is not (every row skipped)."""
+    source = shard if pad_from is None else pad_from
+    if len(source) == 0:
         raise ValueError("a learner rank got no rows; give every rank at least one row per mini-batch")
     micro = shard.chunks(micro_batch_size)
-    n = int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item())
-    inert = shard.select(slice(0, 1)).inert_copy()
+    n = max(int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item()), 1)
+    inert = source.select(slice(0, 1)).inert_copy()
     return micro + [inert] * (n - len(micro))
+
+
+def skip_is_exact(
+    algo_cfg: AlgorithmConfig,
+    moe: MoEConfig | None,
+    *,
+    from_forward: bool,
+    probe: bool,
+    model: object = None,
+) -> bool:
+    """Whether rows without learning signal (`signal_rows` False) may skip the forward/backward with the
+    update unchanged. Not when pi_old comes from the training forward (the skipped rows' pi_old is an
+    output), on a routing-probe step (it measures every row), with a MoE balancing loss or router-bias
+    update (both depend on the routing of every token in the forward, signal or not), or when `model`
+    draws dropout masks (the remaining rows would draw different ones)."""
+    if from_forward or probe or uses_dropout(model):
+        return False
+    return moe is None or (moe.balance_coef == 0.0 and moe.bias_update_rate == 0.0)
+
+
+def uses_dropout(model: object) -> bool:
+    """Whether `model` (an nn.Module; a DeepSpeed engine is one) may draw dropout masks: a dropout module
+    with p > 0 (LoRA's `lora_dropout` too) or a config value `*dropout` / `*pdrop` above 0 (transformers'
+    functional attention dropout)."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0.0:
+            return True
+        config = getattr(module, "config", None)
+        if config is not None and any(
+            key.endswith(("dropout", "pdrop")) and isinstance(value, int | float) and value > 0.0
+            for key, value in getattr(config, "__dict__", {}).items()
+        ):
+            return True
+    return False
+
+
+def trainable_tokens(batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> torch.Tensor:
+    """(B, L) bool: the tokens that may train, known before the forward: loss mask, finite pi_old, and the
+    batch's MIS masks where they apply. A superset of `compute_policy_loss`'s mask (which also needs
+    finite pi_theta and pi_ref), so a token outside it never trains."""
+    assert batch.old_logp is not None, "needs pi_old in the batch"
+    mask = batch.loss_mask.bool() & torch.isfinite(batch.old_logp)  # (B, L)
+    if batch.filter is not None and (algo_cfg.name == "mispo" or algo_cfg.baseline_mis_masks):
+        mask &= batch.filter.combined.bool()
+    return mask
+
+
+def signal_rows(batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> torch.Tensor:
+    """(B,) bool: rows with a token that can move the weights, from the masks alone: a trainable token with
+    a nonzero advantage, or (KL on) any trainable token. Every other row's policy loss is 0 at every theta
+    (each loss is `where(mask, f(A, ...), 0)` with f = 0 and df = 0 at A = 0; the KL term is masked too), so
+    its gradient is exactly 0. A NaN advantage counts as signal (it is not skipped)."""
+    assert batch.advantages is not None, "needs advantages in the batch"
+    signal = trainable_tokens(batch, algo_cfg)  # (B, L)
+    if algo_cfg.kl_coef == 0.0:
+        adv = batch.advantages  # (B, L) or (B,)
+        signal &= (adv[:, None] if adv.dim() == 1 else adv) != 0
+    return signal.any(-1)
 
 
 def check_trainable(batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forward: bool) -> None:
@@ -212,6 +282,7 @@ def accumulate_minibatch(
     transform: SamplingTransform | None = None,
     moe: MoEConfig | None = None,
     probe: bool = False,
+    skip_zero_signal: bool = True,
 ) -> MetricSums:
     """Forward/backward this rank's rows of one mini-batch into `sink`; returns this rank's metric sums
     (all-reduce them for the global numbers). Gradients afterwards are exactly those of the mini-batch
@@ -231,7 +302,12 @@ def accumulate_minibatch(
     set; the balancing loss is added with `moe.balance_coef`; every forward's routing facts go to
     `MetricSums.arrays` (learner.moe.health_metrics). `probe`: one extra no-grad forward per micro-batch
     measures routing mismatch and the log-prob gap to the engine with and without replay (needs the
-    rollouts' recorded routing, `shard.rollout_experts`)."""
+    rollouts' recorded routing, `shard.rollout_experts`).
+
+    `skip_zero_signal`: rows without learning signal (`signal_rows`) run no forward/backward where that is
+    exact (`skip_is_exact`); the normaliser still counts them, and so do `batch/tokens`, `batch/sequences`
+    and `actor/train_frac` (from their masks). Metrics that need a forward (entropy, clip fraction, KL,
+    routing facts, ...) cover the rows that ran. `actor/skipped_rows` counts the skipped rows."""
     check_trainable(shard, algo_cfg, old_from_forward)
     if algo_cfg.kl_coef > 0.0 and ref_model is None and shard.ref_logp is None:
         raise ValueError(
@@ -239,10 +315,19 @@ def accumulate_minibatch(
             "a reference model (LearnerGroup(..., reference=True)) or put ref_logp into the batch"
         )
     from_forward = shard.old_logp is None
-    normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)
-    micro = padded_micro_batches(shard, micro_batch_size, reducer)
-    n_real = len(shard.chunks(micro_batch_size))
+    normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)  # over ALL rows, skipped ones too
     stats = MetricSums()
+    rows = shard
+    stats.add(SKIPPED, 0.0)  # every rank holds every key
+    probing = probe and shard.rollout_experts is not None  # the probe runs only with recorded routing
+    exact = skip_is_exact(algo_cfg, moe, from_forward=from_forward, probe=probing, model=model)
+    if skip_zero_signal and exact:
+        keep = signal_rows(shard, algo_cfg)  # (B,)
+        if not bool(keep.all()):
+            _collect_skipped(stats, shard.select(~keep), algo_cfg)
+            rows = shard.select(keep)
+    micro = padded_micro_batches(rows, micro_batch_size, reducer, pad_from=shard)
+    n_real = len(rows.chunks(micro_batch_size))
     balance_coef = moe.balance_coef if moe is not None else 0.0
     real_tokens = 0.0  # the balancing loss's token weights: all ranks' real tokens, reduced only when used
     if balance_coef > 0.0:
@@ -383,6 +468,18 @@ def _collect(
     stats.add("batch/sequences", float(mask.any(-1).sum()))
     if routing is not None:
         stats.add_weighted("actor/routing_confidence", float(routing[mask].mean()) if n_tok else 0.0, n_tok)
+
+
+def _collect_skipped(stats: MetricSums, skipped: PolicyBatch, algo_cfg: AlgorithmConfig) -> None:
+    """Fold in what the skipped rows' masks say without a forward: their count, their tokens and sequences,
+    and their trained tokens for `actor/train_frac` (signal tokens: 0 by construction)."""
+    mask = skipped.loss_mask.bool()  # (b, L)
+    n_tok = float(mask.sum())
+    trained = float(trainable_tokens(skipped, algo_cfg).sum())
+    stats.add(SKIPPED, float(len(skipped)))
+    stats.add("batch/tokens", n_tok)
+    stats.add("batch/sequences", float(mask.any(-1).sum()))
+    stats.add_weighted("actor/train_frac", trained / n_tok if n_tok else 0.0, n_tok)
 
 
 def _to(batch: PolicyBatch, device: torch.device) -> PolicyBatch:

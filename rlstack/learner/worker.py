@@ -50,7 +50,7 @@ from rlstack.learner.engine import (
     resolve_backend,
 )
 from rlstack.learner.export import broadcast_checksum, full_state
-from rlstack.learner.logprobs import SamplingTransform, score_tokens
+from rlstack.learner.logprobs import SamplingTransform, score_tokens, set_logprob_chunk_tokens
 from rlstack.learner.lora import (
     adapter_state,
     apply_lora,
@@ -75,6 +75,7 @@ from rlstack.learner.step import (
 from rlstack.learner.train import TrainResult, optimize
 from rlstack.mispo import AlgorithmConfig
 from rlstack.model.auto import base_model, checkpoint_state, load_causal_lm, moe_layer_ids
+from rlstack.perf import measure_peak_flops
 
 # Set-up helpers that tests and scripts import from here.
 __all__ = ["LearnerWorker", "deepspeed_config", "free_port", "param_groups", "resolve_backend"]
@@ -148,6 +149,15 @@ class LearnerWorker:
                 )
         self._reducer = DistReducer(self.device)
         self._sink = EngineSink(self.engine)
+        set_logprob_chunk_tokens(self.cfg.logprob_chunk_tokens)  # every score_tokens of this process
+        # this rank's matmul peak with its own threads and dtype: the denominator of perf/mfu
+        self._peak_flops = measure_peak_flops(
+            self.model_dtype, torch.get_num_threads(), seconds=0.5, device=self.device
+        )
+
+    def peak_flops(self) -> float:
+        """Measured matmul FLOP/s of this rank (rlstack.perf.measure_peak_flops, at setup)."""
+        return self._peak_flops
 
     def _load_policy(self) -> Any:
         """The policy checkpoint as transformers' class for its architecture, with activation checkpointing

@@ -111,6 +111,12 @@ GROUPS: dict[str, tuple[str, str]] = {
         "not run in a configuration is absent.",
     ),
     "throughput": ("Throughput", "Every step."),
+    "perf": (
+        "Utilisation",
+        "Every step (rlstack/perf.py): model FLOPs (2 x active matmul parameters per token plus causal "
+        "attention, training = 3 x forward; padding and activation-checkpointing recompute not counted) "
+        "against the learner's measured matmul peak.",
+    ),
     "faults": ("Faults", "Every step: what the run survived so far (cumulative; docs/faults.md)."),
     "data": ("Data", "Every step."),
     "eval": (
@@ -336,6 +342,13 @@ METRICS: tuple[Metric, ...] = (
                 "tokens",
                 "Trained tokens with a nonzero advantage (with KL: every trained token), summed over the "
                 "step; a mini-batch with none steps at learning rate 0.",
+            ),
+            (
+                "actor/skipped_rows",
+                "count",
+                "Rows without learning signal (no trainable token with a nonzero advantage; with KL, no "
+                "trainable token) whose forward/backward was skipped, summed over the step; 0 where skipping "
+                "would change the update (docs/algorithm.md).",
             ),
             (
                 "actor/nonfinite_logp_tokens",
@@ -583,6 +596,28 @@ METRICS: tuple[Metric, ...] = (
                 "makes this exceed the engines' rate).",
             ),
             ("throughput/tokens_per_s", "tokens/s", "Response tokens of the step per second of `time/step`."),
+        ],
+    ),
+    *_group(
+        "perf",
+        [
+            (
+                "perf/mfu",
+                "fraction",
+                "Model-FLOPs utilisation of the learner: `perf/learner_tflops` over the learner's peak "
+                "(measured fp32/bf16 matmul FLOP/s with its threads, times its ranks).",
+            ),
+            (
+                "perf/learner_tflops",
+                "TFLOP/s",
+                "The learner's model FLOPs (training forward + backward of every real token, plus the "
+                "separate pi_old and reference forwards) per second of `time/train` + `time/old_logprobs`.",
+            ),
+            (
+                "perf/rollout_tokens_per_s",
+                "tokens/s",
+                "Policy-generated tokens of the step per second of generation.",
+            ),
         ],
     ),
     *_group(

@@ -82,6 +82,7 @@ _REWARDS: dict[str, RewardFn] = {}
 _BUILTIN_MODULES = (
     "rlstack.rewards.math_verify",
     "rlstack.rewards.puzzle",
+    "rlstack.rewards.overlong",
     "rlstack.rewards.code_verify",
     "rlstack.rewards.env_reward",
     "rlstack.rewards.judges.genrm",

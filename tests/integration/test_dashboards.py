@@ -149,8 +149,11 @@ def test_live_dashboard_report_and_sinks_on_a_real_run(tmp_path: Path) -> None:
     assert [r["step"] for r in ratios] == list(range(1, STEPS + 1))
     assert all(r["by_version"] for r in ratios)
 
+    # ---- utilisation against this machine's measured peak (rlstack.perf)
+    trained = [r for r in read_metrics(run_dir) if "actor/loss" in r]
+    assert all(0.0 < r["perf/mfu"] < 1.0 and r["perf/rollout_tokens_per_s"] > 0 for r in trained), trained
+
     # ---- every sink holds what metrics.jsonl holds
-    assert read_metrics(run_dir)
     for sink in ("tensorboard", "wandb", "mlflow"):
         got, want = read_back(run_dir, sink), expected(run_dir, sink)
         assert "reward/mean" in want and got == want, sink

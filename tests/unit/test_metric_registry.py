@@ -45,21 +45,23 @@ def test_lookup_finds_literal_keys_and_pattern_families(key: str, name: str) -> 
     assert found is not None and found.name == name
 
 
-@pytest.mark.parametrize("key", ["moe/load/3", "moe/load/3/17/1", "reward/a/b", "eval/", "loss", "perf/mfu"])
+@pytest.mark.parametrize(
+    "key", ["moe/load/3", "moe/load/3/17/1", "reward/a/b", "eval/", "loss", "perf/not_registered"]
+)
 def test_a_placeholder_is_one_path_segment_and_nothing_else_matches(key: str) -> None:
     assert lookup(key) is None
 
 
 def test_unknown_lists_the_unregistered_keys_in_order() -> None:
-    keys = ["reward/mean", "perf/mfu", "moe/load/0/1", "loss", "placement"]
-    assert unknown(keys) == ["perf/mfu", "loss"]
+    keys = ["reward/mean", "perf/not_registered", "moe/load/0/1", "loss", "placement"]
+    assert unknown(keys) == ["perf/not_registered", "loss"]
 
 
 def test_strict_mode_raises_naming_every_unregistered_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(registry.STRICT_ENV, "1")
     check(["reward/mean", "time/step"])  # registered: fine
-    with pytest.raises(ValueError, match="perf/mfu, loss") as error:
-        check(["reward/mean", "perf/mfu", "loss"])
+    with pytest.raises(ValueError, match="perf/not_registered, loss") as error:
+        check(["reward/mean", "perf/not_registered", "loss"])
     assert registry.REGENERATE in str(error.value)
 
 
@@ -274,7 +276,7 @@ def test_the_scan_sees_the_metric_producers() -> None:
 _EXAMPLE = '''
 def step(run_dir, metrics, stats, timer):
     """reward/in_a_docstring"""
-    metrics["perf/mfu"] = 0.4
+    metrics["perf/not_registered"] = 0.4
     metrics |= {"actor/new_thing": 1.0, "reward/mean": 0.5}
     stats.add(f"moe/layer{3}/new_health", 1.0)
     with timer("new_stage"):
@@ -289,7 +291,7 @@ def step(run_dir, metrics, stats, timer):
 
 def test_the_scan_catches_new_metrics_and_ignores_paths_and_labels() -> None:
     found = sorted(t for t, _ in _scan_source(_EXAMPLE, "example.py"))
-    new = ["actor/new_thing", "moe/layer{}/new_health", "perf/mfu", "time/new_stage"]
+    new = ["actor/new_thing", "moe/layer{}/new_health", "perf/not_registered", "time/new_stage"]
     assert found == sorted([*new, "reward/mean", "time/step"])
     assert [t for t in found if not _registered(t)] == new
 
