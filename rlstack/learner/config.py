@@ -181,6 +181,21 @@ class LearnerConfig(StrictModel):
     runs unchunked, and so does ZeRO-3 with LoRA adapters on lm_head itself (a warning says so). 0 = never
     chunk."""
 
+    pack_sequences: bool = True
+    """The learner's forwards lay each micro-batch's sequences end to end (first-fit into rows no longer than
+    its longest sequence, positions restarting per sequence, attention kept within each sequence) instead of
+    padding every row to the longest: compute on padding drops to the row ends. Log-probs, entropy, routing
+    and gradients equal the padded forward's to float rounding (rlstack.learner.packing). Needs a model that
+    reads transformers' packed format (position ids without an attention mask): ours and transformers'
+    own attention implementations do."""
+
+    skip_zero_signal: bool = True
+    """Rows without learning signal (every trainable token has advantage 0, no KL term: e.g. a group whose
+    samples all got the same reward) run no backward pass, and with pi_old already computed no forward
+    either; their gradient is exactly 0, so the update is unchanged (docs/algorithm.md, "Rows without
+    signal"). Not on MoE balancing-loss/router-bias runs, probe steps or with dropout, where those rows still
+    shape the update. False runs every row."""
+
     offload_optimizer: bool = False
     """ZeRO optimizer offload: AdamW states and fp32 master weights live in host memory and the update runs on
     the CPU (DeepSpeed `offload_optimizer: cpu`, stage >= 1). For GPU runs whose optimizer state does not fit

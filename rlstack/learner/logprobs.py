@@ -17,6 +17,7 @@ all of them. Results equal the unchunked path to float rounding (the head's grad
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlstack.learner.config import DEFAULT_LOGPROB_CHUNK_TOKENS
+from rlstack.learner.packing import PackedRows
+from rlstack.learner.packing import pack as pack_rows
 
 # Rows of a (rows, V) logits block whose support is computed at once: bounds the sort's scratch (values
 # and int64 indices) to a few hundred MB for large vocabularies.
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 _chunk_tokens = DEFAULT_LOGPROB_CHUNK_TOKENS
 """What `score_tokens(chunk_tokens=None)` uses; the learner worker sets `learner.logprob_chunk_tokens`."""
+_pack = False
+"""What `score_tokens(pack=None)` uses; the learner worker sets `learner.pack_sequences`."""
 
 # The value the output head returns while its input is captured (exact in bf16); a model that transforms its
 # logits after the head (scale, soft-cap) shows it on this value, which `_check_logit_transform` compares.
@@ -50,6 +55,12 @@ def set_logprob_chunk_tokens(tokens: int) -> None:
     if tokens < 0:
         raise ValueError(f"logprob chunk of {tokens} tokens: must be >= 0 (0 = never chunk)")
     _chunk_tokens = int(tokens)
+
+
+def set_pack_sequences(pack: bool) -> None:
+    """Set the process-wide default of `score_tokens(pack=None)`."""
+    global _pack
+    _pack = bool(pack)
 
 
 def logprob_chunk_tokens() -> int:
@@ -211,6 +222,7 @@ def score_tokens(
     transform: SamplingTransform | None = None,
     routed_experts: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    pack: bool | None = None,
 ) -> TokenScores:
     """Forward `model` (an HF causal LM, possibly PEFT-wrapped, or a DeepSpeed engine wrapping one) and score
     every position.
@@ -223,9 +235,106 @@ def score_tokens(
     `chunk_tokens`: when the B * (T - 1) scored positions exceed it, the output head and the log-softmax run
     in chunks of about this many positions (see the module docstring); 0 = never; None = the process-wide
     setting (`set_logprob_chunk_tokens`, `learner.logprob_chunk_tokens`).
+    `pack`: lay the rows' sequences end to end (rlstack.learner.packing; right-padded rows) so the forward
+    computes (almost) no padding; outputs come back in the (B, T) layout. None = the process-wide setting
+    (`set_pack_sequences`, `learner.pack_sequences`).
     """
+    if (_pack if pack is None else pack) and not bool(attention_mask.bool().all()):
+        return _score_packed(
+            model,
+            input_ids,
+            attention_mask,
+            with_entropy=with_entropy,
+            with_routing=with_routing,
+            transform=transform,
+            routed_experts=routed_experts,
+            chunk_tokens=chunk_tokens,
+        )
+    return _score_rows(
+        model,
+        input_ids,
+        attention_mask,
+        {},
+        with_entropy=with_entropy,
+        with_routing=with_routing,
+        transform=transform,
+        routed_experts=routed_experts,
+        chunk_tokens=chunk_tokens,
+    )
+
+
+def _score_packed(
+    model: Callable[..., object],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    with_entropy: bool,
+    with_routing: bool,
+    transform: SamplingTransform | None,
+    routed_experts: torch.Tensor | None,
+    chunk_tokens: int | None,
+) -> TokenScores:
+    """`score_tokens` through packed rows: pack, forward (transformers' packed format), unpack."""
+    rows = pack_rows(input_ids, attention_mask)
+    extra: dict[str, Any] = {"position_ids": rows.position_ids}
+    if with_routing:
+        extra["routing_token_mask"] = rows.token_mask  # the routing statistics count real tokens only
+    scores = _score_rows(
+        model,
+        rows.input_ids,
+        None,
+        extra,
+        with_entropy=with_entropy,
+        with_routing=with_routing,
+        transform=transform,
+        routed_experts=None if routed_experts is None else rows.pack(routed_experts, fill=-1),
+        chunk_tokens=chunk_tokens,
+    )
+    B, T = input_ids.shape
+    stats = scores.router_stats
+    if stats is not None:  # per-token arrays back to the (B*T,) layout; counts and means are real-only
+        stats = [_unpacked_stats(s, rows, B, T) for s in stats]
+    return TokenScores(
+        logp=rows.unpack_scores(scores.logp),
+        entropy=_maybe(rows.unpack_scores, scores.entropy),
+        routing_confidence=_maybe(rows.unpack, scores.routing_confidence),
+        router_stats=stats,
+        expert_ids=None if scores.expert_ids is None else rows.unpack(scores.expert_ids, fill=-1),
+    )
+
+
+def _maybe(fn: Callable[[torch.Tensor], torch.Tensor], value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else fn(value)
+
+
+def _unpacked_stats(stats: Any, rows: PackedRows, B: int, T: int) -> Any:
+    """A layer's RoutingStats with its per-token (P*T, ...) arrays in the (B*T, ...) layout (-1 ids and 0
+    values on padding)."""
+    P = rows.input_ids.shape[0]
+    out = {}
+    for name in ("confidence", "entropy"):  # (P*T,)
+        out[name] = rows.unpack(getattr(stats, name).view(P, T)).reshape(B * T)
+    for name in ("ids", "free_ids"):  # (P*T, k)
+        value = getattr(stats, name)
+        out[name] = rows.unpack(value.view(P, T, -1), fill=-1).reshape(B * T, value.shape[-1])
+    return dataclasses.replace(stats, **out)
+
+
+def _score_rows(
+    model: Callable[..., object],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    extra: dict[str, Any],
+    *,
+    with_entropy: bool,
+    with_routing: bool,
+    transform: SamplingTransform | None,
+    routed_experts: torch.Tensor | None,
+    chunk_tokens: int | None,
+) -> TokenScores:
+    """`score_tokens` of rows as given (`extra`: more model keywords, e.g. packed rows' position ids)."""
     # no KV cache: a training or scoring forward never continues (HF models build one by default)
-    kwargs: dict[str, Any] = {"use_cache": False}
+    kwargs: dict[str, Any] = {"use_cache": False, **extra}
     if with_routing:
         kwargs["output_router_stats"] = True
     if routed_experts is not None:

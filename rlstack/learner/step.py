@@ -31,7 +31,8 @@ from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import MoEConfig
 from rlstack.learner.logprobs import SamplingTransform, TokenScores, score_tokens
 from rlstack.learner.moe import balance_loss, logp_gap, routing_arrays, routing_mismatch
-from rlstack.mispo import AlgorithmConfig, compute_policy_loss
+from rlstack.learner.signal import signal_rows, skip_is_exact, trainable_tokens
+from rlstack.mispo import AlgorithmConfig, apply_filters, compute_policy_loss
 
 # Metrics that are already divided by the global normaliser: they add up over micro-batches and ranks.
 SUMMED = ("actor/loss", "actor/pg_loss", "moe/balance_loss")
@@ -158,10 +159,21 @@ class MetricSums:
             base += size
         return out
 
+    def zeros_like(self) -> MetricSums:
+        """The same keys with every value 0 (what a pad micro-batch adds)."""
+        return MetricSums(
+            sums=dict.fromkeys(self.sums, 0.0),
+            weighted={k: [0.0, 0.0] for k in self.weighted},
+            arrays={k: torch.zeros_like(v) for k, v in self.arrays.items()},
+        )
+
     def result(self) -> dict[str, float]:
+        """Sums as they are, weighted means; a mean with no weight at all (no token contributed to it, e.g.
+        the entropy of a step whose every row skipped the forward) is left out rather than reported as 0."""
         out = dict(self.sums)
         for k, (vw, w) in self.weighted.items():
-            out[k] = vw / w if w > 0 else 0.0
+            if w > 0:
+                out[k] = vw / w
         return out
 
 
@@ -179,78 +191,22 @@ def global_normalizer(shard: PolicyBatch, loss_norm: str, reducer: Reducer) -> f
 
 
 def padded_micro_batches(
-    shard: PolicyBatch, micro_batch_size: int, reducer: Reducer, pad_from: PolicyBatch | None = None
+    shard: PolicyBatch,
+    micro_batch_size: int,
+    reducer: Reducer,
+    pad_from: PolicyBatch | None = None,
+    at_least: int = 1,
 ) -> list[PolicyBatch]:
     """The shard in micro-batches, padded with inert copies (loss mask 0) to the largest count of any rank,
-    and to at least one (the engine steps after a backward). The copies are of `pad_from`'s first row
+    and to at least `at_least` (the engine steps after a backward). The copies are of `pad_from`'s first row
     (default `shard`), so `shard` may be empty when `pad_from` is not (every row skipped)."""
     source = shard if pad_from is None else pad_from
     if len(source) == 0:
         raise ValueError("a learner rank got no rows; give every rank at least one row per mini-batch")
     micro = shard.chunks(micro_batch_size)
-    n = max(int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item()), 1)
+    n = max(int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item()), at_least)
     inert = source.select(slice(0, 1)).inert_copy()
     return micro + [inert] * (n - len(micro))
-
-
-def skip_is_exact(
-    algo_cfg: AlgorithmConfig,
-    moe: MoEConfig | None,
-    *,
-    from_forward: bool,
-    probe: bool,
-    model: object = None,
-) -> bool:
-    """Whether rows without learning signal (`signal_rows` False) may skip the forward/backward with the
-    update unchanged. Not when pi_old comes from the training forward (the skipped rows' pi_old is an
-    output), on a routing-probe step (it measures every row), with a MoE balancing loss or router-bias
-    update (both depend on the routing of every token in the forward, signal or not), or when `model`
-    draws dropout masks (the remaining rows would draw different ones)."""
-    if from_forward or probe or uses_dropout(model):
-        return False
-    return moe is None or (moe.balance_coef == 0.0 and moe.bias_update_rate == 0.0)
-
-
-def uses_dropout(model: object) -> bool:
-    """Whether `model` (an nn.Module; a DeepSpeed engine is one) may draw dropout masks: a dropout module
-    with p > 0 (LoRA's `lora_dropout` too) or a config value `*dropout` / `*pdrop` above 0 (transformers'
-    functional attention dropout)."""
-    if not isinstance(model, torch.nn.Module):
-        return False
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0.0:
-            return True
-        config = getattr(module, "config", None)
-        if config is not None and any(
-            key.endswith(("dropout", "pdrop")) and isinstance(value, int | float) and value > 0.0
-            for key, value in getattr(config, "__dict__", {}).items()
-        ):
-            return True
-    return False
-
-
-def trainable_tokens(batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> torch.Tensor:
-    """(B, L) bool: the tokens that may train, known before the forward: loss mask, finite pi_old, and the
-    batch's MIS masks where they apply. A superset of `compute_policy_loss`'s mask (which also needs
-    finite pi_theta and pi_ref), so a token outside it never trains."""
-    assert batch.old_logp is not None, "needs pi_old in the batch"
-    mask = batch.loss_mask.bool() & torch.isfinite(batch.old_logp)  # (B, L)
-    if batch.filter is not None and (algo_cfg.name == "mispo" or algo_cfg.baseline_mis_masks):
-        mask &= batch.filter.combined.bool()
-    return mask
-
-
-def signal_rows(batch: PolicyBatch, algo_cfg: AlgorithmConfig) -> torch.Tensor:
-    """(B,) bool: rows with a token that can move the weights, from the masks alone: a trainable token with
-    a nonzero advantage, or (KL on) any trainable token. Every other row's policy loss is 0 at every theta
-    (each loss is `where(mask, f(A, ...), 0)` with f = 0 and df = 0 at A = 0; the KL term is masked too), so
-    its gradient is exactly 0. A NaN advantage counts as signal (it is not skipped)."""
-    assert batch.advantages is not None, "needs advantages in the batch"
-    signal = trainable_tokens(batch, algo_cfg)  # (B, L)
-    if algo_cfg.kl_coef == 0.0:
-        adv = batch.advantages  # (B, L) or (B,)
-        signal &= (adv[:, None] if adv.dim() == 1 else adv) != 0
-    return signal.any(-1)
 
 
 def check_trainable(batch: PolicyBatch, algo_cfg: AlgorithmConfig, old_from_forward: bool) -> None:
@@ -291,8 +247,8 @@ def accumulate_minibatch(
     `old_from_forward` with `shard.old_logp` None: pi_old is each micro-batch's own forward, detached (no
     separate forward pass, as TRL does with one iteration). Exact only before the train step's first
     optimizer step, so the caller must make this the step's only mini-batch. The MIS filter is then
-    computed per micro-batch (stateless trajectory filters only). `old_logp_out` receives the real rows'
-    pi_old, (b, L) per micro-batch.
+    computed per micro-batch (stateless trajectory filters only). `old_logp_out` receives this rank's pi_old,
+    one (B, L) tensor in the shard's row order.
 
     `ref_model` (the frozen reference policy, needed when `algo_cfg.kl_coef > 0`) scores each micro-batch
     for the KL term; `transform` is the sampling transformation (temperature, top-k/top-p) under which
@@ -304,10 +260,12 @@ def accumulate_minibatch(
     measures routing mismatch and the log-prob gap to the engine with and without replay (needs the
     rollouts' recorded routing, `shard.rollout_experts`).
 
-    `skip_zero_signal`: rows without learning signal (`signal_rows`) run no forward/backward where that is
-    exact (`skip_is_exact`); the normaliser still counts them, and so do `batch/tokens`, `batch/sequences`
-    and `actor/train_frac` (from their masks). Metrics that need a forward (entropy, clip fraction, KL,
-    routing facts, ...) cover the rows that ran. `actor/skipped_rows` counts the skipped rows."""
+    `skip_zero_signal`: rows without learning signal (`signal.signal_rows`) run no backward where that is
+    exact (`signal.skip_is_exact`); the normaliser still counts them. With pi_old in the batch they run no
+    forward either: `batch/tokens`, `batch/sequences`, `actor/train_frac` and the MIS filter's metrics still
+    cover them (from their masks), metrics that need a forward (entropy, clip fraction, KL, routing facts,
+    ...) cover the rows that ran. With pi_old from the forward they run a forward without gradient (their
+    pi_old is an output), so every metric covers them. `actor/skipped_rows` counts them."""
     check_trainable(shard, algo_cfg, old_from_forward)
     if algo_cfg.kl_coef > 0.0 and ref_model is None and shard.ref_logp is None:
         raise ValueError(
@@ -315,19 +273,28 @@ def accumulate_minibatch(
             "a reference model (LearnerGroup(..., reference=True)) or put ref_logp into the batch"
         )
     from_forward = shard.old_logp is None
-    normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)  # over ALL rows, skipped ones too
-    stats = MetricSums()
-    rows = shard
-    stats.add(SKIPPED, 0.0)  # every rank holds every key
+    normalizer = global_normalizer(shard, algo_cfg.loss_norm, reducer)  # over ALL rows, idle ones too
     probing = probe and shard.rollout_experts is not None  # the probe runs only with recorded routing
-    exact = skip_is_exact(algo_cfg, moe, from_forward=from_forward, probe=probing, model=model)
-    if skip_zero_signal and exact:
-        keep = signal_rows(shard, algo_cfg)  # (B,)
-        if not bool(keep.all()):
-            _collect_skipped(stats, shard.select(~keep), algo_cfg)
-            rows = shard.select(keep)
+    keep = torch.ones(len(shard), dtype=torch.bool)  # (B,) rows that run forward and backward
+    if skip_zero_signal and skip_is_exact(moe, probe=probing, model=model):
+        keep = signal_rows(shard, algo_cfg)
+    rows, idle = shard.select(keep), shard.select(~keep)
+    stats = MetricSums(sums={SKIPPED: float(len(idle))})  # every rank holds every key
+    forward = _MicroForward(model, algo_cfg, normalizer, device, ref_model, transform, stats)
+    old_logp = torch.zeros(len(shard), shard.seq_len) if from_forward else None  # (B, L) pi_old out
+    if from_forward:
+        # pi_old of the idle rows is an output (the filter, the samples, the log-ratio record): a forward
+        # without gradient. ZeRO-3 gathers parameters in every forward: ranks pad to one count here too.
+        idle_micro = padded_micro_batches(idle, micro_batch_size, reducer, pad_from=shard, at_least=0)
+        idle_ids = (~keep).nonzero().flatten()  # (b,)
+        with torch.no_grad():
+            for i, mb in enumerate(idle_micro):
+                _, mb, _ = forward(mb, pad=i * micro_batch_size >= len(idle))
+                _store_rows(old_logp, idle_ids, i * micro_batch_size, mb.old_logp)
+    else:
+        _collect_skipped(stats, idle, algo_cfg)
     micro = padded_micro_batches(rows, micro_batch_size, reducer, pad_from=shard)
-    n_real = len(rows.chunks(micro_batch_size))
+    row_ids = keep.nonzero().flatten()  # (b,)
     balance_coef = moe.balance_coef if moe is not None else 0.0
     real_tokens = 0.0  # the balancing loss's token weights: all ranks' real tokens, reduced only when used
     if balance_coef > 0.0:
@@ -335,54 +302,89 @@ def accumulate_minibatch(
         real_tokens = float(reducer.sum_(local))
     for i, mb in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
-        mb = _to(mb.trim(), device or torch.device("cpu"))
-        if algo_cfg.kl_coef > 0.0 and ref_model is not None:
+        pad = i * micro_batch_size >= len(rows)
+        loss, mb, scores = forward(mb, pad=pad)
+        if old_logp is not None:
+            _store_rows(old_logp, row_ids, i * micro_batch_size, mb.old_logp)
+        if scores.router_stats and balance_coef > 0.0:
+            aux = balance_loss(scores.router_stats, moe.balance_groups if moe is not None else None)
+            share = float(mb.attention_mask.sum()) / max(real_tokens, 1.0) if not pad else 0.0
+            loss = loss + balance_coef * share * aux
+            stats.add("moe/balance_loss", float(aux.detach()) * share)
+        sink.backward(loss * reducer.world_size)
+        if probe and mb.rollout_experts is not None and scores.router_stats:
+            facts = _probe(model, mb, scores, transform)
+            stats.merge(facts.zeros_like() if pad else facts)
+    if old_logp is not None and old_logp_out is not None:
+        old_logp_out.append(old_logp)
+    return stats
+
+
+@dataclass
+class _MicroForward:
+    """One micro-batch's scoring forward and policy loss (with or without gradient, as the caller runs
+    it); its metrics and routing facts go to `stats`. A pad (an inert copy) adds zero-weight metrics and
+    zero routing facts, so every rank holds the same keys and pads count nowhere."""
+
+    model: Callable[..., object]
+    algo_cfg: AlgorithmConfig
+    normalizer: float
+    device: torch.device | None
+    ref_model: Callable[..., object] | None
+    transform: SamplingTransform | None
+    stats: MetricSums
+
+    def __call__(self, mb: PolicyBatch, *, pad: bool) -> tuple[torch.Tensor, PolicyBatch, TokenScores]:
+        """(loss, the micro-batch on the device with pi_old and pi_ref filled in, its scores)."""
+        mb = _to(mb.trim(), self.device or torch.device("cpu"))
+        if self.algo_cfg.kl_coef > 0.0 and self.ref_model is not None:
             with torch.no_grad():
                 ref = score_tokens(
-                    ref_model,
+                    self.ref_model,
                     mb.input_ids,
                     mb.attention_mask,
                     with_entropy=False,
                     with_routing=False,
-                    transform=transform,
+                    transform=self.transform,
                 ).logp  # (b, l)
             mb = mb.replace(ref_logp=ref)
-        replay = mb.replay_experts
         scores = score_tokens(
-            model, mb.input_ids, mb.attention_mask, transform=transform, routed_experts=replay
+            self.model,
+            mb.input_ids,
+            mb.attention_mask,
+            transform=self.transform,
+            routed_experts=mb.replay_experts,
         )
-        if from_forward:
-            old_logp = torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0)
-            mb = mb.replace(old_logp=old_logp)
-            if old_logp_out is not None and i < n_real:
-                old = old_logp.float().cpu()  # (b, l)
-                old_logp_out.append(torch.nn.functional.pad(old, (0, shard.seq_len - old.shape[1])))
+        if mb.old_logp is None:  # pi_old from this forward
+            mb = mb.replace(old_logp=torch.where(mb.attention_mask.bool(), scores.logp.detach(), 0.0))
         # check_trainable: advantages are set, and old_logp is (from the batch, or from the forward above)
         assert mb.old_logp is not None and mb.advantages is not None
         loss, metrics = compute_policy_loss(
-            algo_cfg,
+            self.algo_cfg,
             scores.logp,
             mb.old_logp,
             mb.rollout_logp,
             mb.advantages,
             mb.loss_mask,
-            normalizer,
+            self.normalizer,
             filter_result=mb.filter,
             ref_logp=mb.ref_logp,
             entropy=scores.entropy,
         )
         if scores.router_stats:
-            stats.merge(_routing_facts(scores, mb))
-            if balance_coef > 0.0:
-                aux = balance_loss(scores.router_stats, moe.balance_groups if moe is not None else None)
-                share = float(mb.attention_mask.sum()) / max(real_tokens, 1.0)
-                loss = loss + balance_coef * share * aux
-                stats.add("moe/balance_loss", float(aux.detach()) * share)
-        sink.backward(loss * reducer.world_size)
-        _collect(stats, metrics, mb, scores.routing_confidence)
-        if probe and mb.rollout_experts is not None and scores.router_stats:
-            stats.merge(_probe(model, mb, scores, transform))
-    return stats
+            facts = _routing_facts(scores, mb)
+            self.stats.merge(facts.zeros_like() if pad else facts)
+        _collect(self.stats, metrics, mb, scores.routing_confidence)
+        return loss, mb, scores
+
+
+def _store_rows(out: torch.Tensor | None, ids: torch.Tensor, start: int, values: torch.Tensor | None) -> None:
+    """Write a micro-batch's (b, l) `values` into rows `ids[start:start + b]` of `out` (B, L); a pad
+    (start past the real rows) writes nothing."""
+    if out is None or values is None or start >= len(ids):
+        return
+    values = values.float().cpu()  # (b, l)
+    out[ids[start : start + values.shape[0]], : values.shape[1]] = values
 
 
 def _routing_facts(scores: TokenScores, mb: PolicyBatch) -> MetricSums:
@@ -471,15 +473,25 @@ def _collect(
 
 
 def _collect_skipped(stats: MetricSums, skipped: PolicyBatch, algo_cfg: AlgorithmConfig) -> None:
-    """Fold in what the skipped rows' masks say without a forward: their count, their tokens and sequences,
-    and their trained tokens for `actor/train_frac` (signal tokens: 0 by construction)."""
+    """Fold in what the skipped rows' masks say without a forward: their tokens and sequences, their
+    trained tokens for `actor/train_frac` (signal tokens: 0 by construction), and the MIS filter's metrics
+    (the step's, or for a stateless filter computed here as `compute_policy_loss` would), weighted by their
+    tokens as `_collect` weighs a micro-batch's."""
     mask = skipped.loss_mask.bool()  # (b, L)
     n_tok = float(mask.sum())
-    trained = float(trainable_tokens(skipped, algo_cfg).sum())
-    stats.add(SKIPPED, float(len(skipped)))
     stats.add("batch/tokens", n_tok)
     stats.add("batch/sequences", float(mask.any(-1).sum()))
-    stats.add_weighted("actor/train_frac", trained / n_tok if n_tok else 0.0, n_tok)
+    if not n_tok:
+        return
+    trained = float(trainable_tokens(skipped, algo_cfg).sum())
+    stats.add_weighted("actor/train_frac", trained / n_tok, n_tok)
+    flt = skipped.filter
+    if flt is None and algo_cfg.traj_filter_is_stateless:
+        assert skipped.old_logp is not None  # a skip without a forward needs pi_old in the batch
+        band = algo_cfg.traj_band if algo_cfg.traj_filter == "fixed" else None
+        flt = apply_filters(skipped.old_logp, skipped.rollout_logp, mask, algo_cfg.token_band, band)
+    for k, v in (flt.metrics if flt is not None else {}).items():
+        stats.add_weighted(k, v, n_tok)
 
 
 def _to(batch: PolicyBatch, device: torch.device) -> PolicyBatch:

@@ -50,7 +50,12 @@ from rlstack.learner.engine import (
     resolve_backend,
 )
 from rlstack.learner.export import broadcast_checksum, full_state
-from rlstack.learner.logprobs import SamplingTransform, score_tokens, set_logprob_chunk_tokens
+from rlstack.learner.logprobs import (
+    SamplingTransform,
+    score_tokens,
+    set_logprob_chunk_tokens,
+    set_pack_sequences,
+)
 from rlstack.learner.lora import (
     adapter_state,
     apply_lora,
@@ -150,6 +155,7 @@ class LearnerWorker:
         self._reducer = DistReducer(self.device)
         self._sink = EngineSink(self.engine)
         set_logprob_chunk_tokens(self.cfg.logprob_chunk_tokens)  # every score_tokens of this process
+        set_pack_sequences(self.cfg.pack_sequences)
         # this rank's matmul peak with its own threads and dtype: the denominator of perf/mfu
         self._peak_flops = measure_peak_flops(
             self.model_dtype, torch.get_num_threads(), seconds=0.5, device=self.device
@@ -312,6 +318,7 @@ class LearnerWorker:
                 transform=self.transform,
                 moe=moe,
                 probe=probe,
+                skip_zero_signal=self.cfg.skip_zero_signal,
             )
 
         def update_bias(stats: MetricSums) -> None:

@@ -105,6 +105,7 @@ class Step3p5Attention(nn.Module):
         positions: torch.Tensor,  # (B, T)
         key_padding: torch.Tensor | None,  # (B, S) bool, True = real token, over all keys incl. cache
         cache: Cache | None,
+        segments: torch.Tensor | None = None,  # (B, T) packed-sequence index of each token (no cache)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -115,6 +116,8 @@ class Step3p5Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, D): every key seen so far
         mask = self._mask(T, k.shape[2], key_padding, x.device)  # (B or 1, 1, T, S)
+        if segments is not None:  # packed rows: a token sees only its own sequence
+            mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])  # (B, 1, T, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, D)
         if self.use_gate:
             gate = torch.sigmoid(self.g_proj(x)).transpose(1, 2)[..., None]  # (B, nh, T, 1)
@@ -137,6 +140,15 @@ class Step3p5Attention(nn.Module):
             # A fully padded query row (left padding) would softmax over nothing: let it see itself.
             mask = mask | _eye_offset(T, S, S - T, device)[None, None]
         return mask
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) index of the packed sequence each token belongs to (a new one wherever the position is not one
+    above its predecessor), or None when every row holds one sequence."""
+    step = torch.diff(position_ids, dim=-1) != 1  # (B, T-1)
+    if not bool(step.any()):
+        return None
+    return torch.nn.functional.pad(step.long().cumsum(-1), (1, 0))  # (B, T)
 
 
 def _eye_offset(T: int, S: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -263,8 +275,9 @@ class Step3p5DecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None,
         replay: torch.Tensor | None = None,  # (B*T, k) experts to replay, -1 rows free
         token_mask: torch.Tensor | None = None,  # (B*T,) bool real tokens, for routing statistics
+        segments: torch.Tensor | None = None,  # (B, T) packed-sequence index of each token
     ) -> tuple[torch.Tensor, RoutingStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), positions, key_padding, cache)
+        x = x + self.self_attn(self.input_layernorm(x), positions, key_padding, cache, segments)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
@@ -332,9 +345,15 @@ class Step3p5Model(Step3p5PreTrainedModel):
         position_ids: torch.Tensor | None = None,  # (B, T)
         past_key_values: Cache | None = None,
         routed_experts: torch.Tensor | None = None,  # (B, T, n_moe_layers, k) replay, -1 = route freely
+        routing_token_mask: torch.Tensor | None = None,  # (B, T) bool tokens routing statistics count
         **kwargs: object,  # HF callers pass use_cache, return_dict, ...; the output does not change
     ) -> Step3p5BaseOutput:
+        """Packed rows (transformers' convention: `position_ids` given, no `attention_mask`, no KV cache): a
+        position that is not one above its predecessor starts a new sequence, and each token attends only
+        to its own sequence. `routing_token_mask` says which tokens routing statistics count (default: the
+        attention mask's, else all)."""
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        packed = position_ids is not None and attention_mask is None and past_key_values is None
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
@@ -347,6 +366,9 @@ class Step3p5Model(Step3p5PreTrainedModel):
         x = self.embed_tokens(input_ids)
         B, T = input_ids.shape
         token_mask = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
+        if routing_token_mask is not None:
+            token_mask = routing_token_mask.reshape(-1).bool()  # (B*T,)
+        segments = packed_segments(position_ids) if packed else None
         if routed_experts is not None:
             n_moe, k = len(self.config.moe_layer_ids), self.config.moe_top_k
             if tuple(routed_experts.shape) != (B, T, n_moe, k):
@@ -359,7 +381,9 @@ class Step3p5Model(Step3p5PreTrainedModel):
             replay = None
             if routed_experts is not None and layer.is_moe:
                 replay = routed_experts[:, :, len(stats)].reshape(B * T, -1).long()  # (B*T, k)
-            x, layer_stats = layer(x, position_ids, key_padding, past_key_values, replay, token_mask)
+            x, layer_stats = layer(
+                x, position_ids, key_padding, past_key_values, replay, token_mask, segments=segments
+            )
             if layer_stats is not None:
                 stats.append(layer_stats)
         return Step3p5BaseOutput(self.norm(x), stats)
@@ -389,14 +413,21 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_router_stats: bool = False,
         routed_experts: torch.Tensor | None = None,
+        routing_token_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> Step3p5Output:
         """`routed_experts` (B, T, n_moe_layers, k): routing replay (see `Step3p5MoE.route`); -1 = free.
-        `output_router_stats`: fill routing_confidence, expert_load, router_stats and expert_ids."""
+        `output_router_stats`: fill routing_confidence, expert_load, router_stats and expert_ids. Packed
+        rows and `routing_token_mask`: see `Step3p5Model.forward`."""
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # full-length per layer; sliding is applied by the mask
         hidden, stats = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, routed_experts=routed_experts
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            routed_experts=routed_experts,
+            routing_token_mask=routing_token_mask,
         )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
         loss = None

@@ -4,8 +4,9 @@ rlstack's Step3p5 reports its routing itself (`output_router_stats`, `routed_exp
 MoE classes the same two keywords are provided by forward hooks, so the learner treats every MoE policy
 alike:
 
-- a pre-hook on the model takes `output_router_stats` and `routed_experts` (B, T, n_moe_layers, k) out of
-  the call (the model never sees them) and keeps them, with the real-token mask, for this forward;
+- a pre-hook on the model takes `output_router_stats`, `routed_experts` (B, T, n_moe_layers, k) and
+  `routing_token_mask` (B, T) out of the call (the model never sees them) and keeps them, with the
+  real-token mask (`routing_token_mask`, else the attention mask), for this forward;
 - a hook on each router (a softmax top-k router returning `(logits, top-k weights, top-k ids)`) records a
   `RoutingStats` per layer and, with replay, swaps the router's ids for the replayed ones, taking their
   weights from the LIVE softmax (renormalised over the replayed set where the router renormalises), as
@@ -101,7 +102,9 @@ def _begin(state: _ForwardState) -> Any:
                 )
             replay = replay.reshape(B * T, n_moe, k).long()
         state.replay = replay
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.pop("routing_token_mask", None)  # packed rows (attention_mask None): the real tokens
+        if mask is None:
+            mask = kwargs.get("attention_mask")
         state.token_mask = mask[:, -T:].reshape(-1).bool() if mask is not None else None
         state.stats = {}
         return args, kwargs

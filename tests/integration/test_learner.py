@@ -80,9 +80,13 @@ def _checkpoint_names(path: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tiny_checkpoint: Path) -> dict:
-    """Stage 0 on one rank, whole mini-batches in one micro-batch: the numbers every set-up must hit."""
-    batch = make_batch(15, seed=1)
-    cfg = LearnerConfig(num_ranks=1, zero_stage=0, micro_batch_size=16, n_minibatches=2, adam_eps=EPS)
+    """Stage 0 on one rank, whole mini-batches in one micro-batch, every row through forward and backward:
+    the numbers every set-up must hit."""
+    # rows 8-14 (two groups with equal rewards) have no learning signal: interleaved, every shard has some
+    batch = make_batch(15, seed=1).select(torch.tensor([0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7]))
+    cfg = LearnerConfig(
+        num_ranks=1, zero_stage=0, micro_batch_size=16, n_minibatches=2, adam_eps=EPS, skip_zero_signal=False
+    )
     with LearnerGroup(tiny_checkpoint, cfg) as group:
         initial = group.export_weights()
         old_logp = group.compute_logprobs(batch)
@@ -112,7 +116,9 @@ def test_reference_step_trains_and_exports_checkpoint_names(reference: dict, tin
 def test_zero_stage_on_two_ranks_matches_stage0_on_one(
     stage: int, reference: dict, ray_cluster: dict, tiny_checkpoint: Path
 ) -> None:
-    # micro-batch 3: 15 rows -> mini-batches of 8 and 7 -> shards 4/4 and 4/3 -> uneven micro-batch counts
+    # micro-batch 3: 15 rows -> mini-batches of 8 and 7 -> shards 4/4 and 4/3 -> uneven micro-batch counts.
+    # The rows without signal skip forward and backward on both ranks (skip_zero_signal, the default; the
+    # reference ran every row), and the update is unchanged.
     cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=3, n_minibatches=2, adam_eps=EPS)
     batch = reference["batch"]
     with LearnerGroup(tiny_checkpoint, cfg) as group:
@@ -126,8 +132,9 @@ def test_zero_stage_on_two_ranks_matches_stage0_on_one(
     assert set(after) == _checkpoint_names(tiny_checkpoint)
     assert _close(after, reference["after"]) < TOL
     assert _close(after, reference["initial"]) > 1e-4  # and the step did move the weights
-    for key in ("actor/loss", "actor/entropy", "actor/train_frac", "actor/grad_norm", "batch/tokens"):
+    for key in ("actor/loss", "actor/train_frac", "actor/grad_norm", "batch/tokens"):
         assert metrics[key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert metrics["actor/skipped_rows"] == 7.0 and reference["metrics"]["actor/skipped_rows"] == 0.0
     assert not _wait_gone(lambda: _learner_processes(actors), 20), "learner actors outlived shutdown()"
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlstack.learner.batch import PolicyBatch, collate
+from rlstack.learner.config import DEFAULT_LOGPROB_CHUNK_TOKENS
 from rlstack.model import Step3p5ForCausalLM
 from rlstack.types import Rollout
 
@@ -42,6 +43,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _scoring_defaults():
+    """A LearnerWorker set up in this process sets how every `score_tokens` packs and chunks (process-wide,
+    as in its own actor process); each test starts from the library defaults."""
+    from rlstack.learner import logprobs
+
+    yield
+    logprobs.set_pack_sequences(False)
+    logprobs.set_logprob_chunk_tokens(DEFAULT_LOGPROB_CHUNK_TOKENS)
 
 
 @pytest.fixture

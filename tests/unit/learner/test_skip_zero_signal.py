@@ -141,6 +141,11 @@ def test_skipping_zero_signal_rows_leaves_the_update_unchanged(policy, cfg) -> N
     for key in ("actor/loss", "actor/pg_loss", "batch/tokens", "batch/sequences", "actor/signal_tokens"):
         assert m_skip[key] == m_full[key], key
     assert m_skip["actor/train_frac"] == pytest.approx(m_full["actor/train_frac"], rel=1e-12)
+    # the MIS filter's numbers describe the whole batch (the dashboards' off-policy health), skipped or not
+    filter_keys = [k for k in m_full if k.startswith("filter/")]
+    assert "filter/token_accept" in filter_keys
+    for key in filter_keys:
+        assert m_skip[key] == pytest.approx(m_full[key], rel=1e-9, abs=1e-12), key
 
     # Micro-batches of 3: the kept rows regroup (3 micro-batches fewer), so sums run in another order;
     # the difference is fp32 rounding, as between micro-batch sizes 3 and 4 without skipping. (Compare
@@ -166,13 +171,16 @@ def test_a_mini_batch_without_signal_runs_one_inert_forward(policy) -> None:
     assert rows_skip == [1] and len(rows_full) == 6  # one inert forward: the engine needs a backward
     assert m_skip["actor/skipped_rows"] == len(batch) and m_skip["actor/signal_tokens"] == 0.0
     assert m_skip["batch/tokens"] == m_full["batch/tokens"] == float(batch.loss_mask.sum())
+    for key in ("filter/token_accept", "filter/traj_accept", "filter/log_ratio_p50"):
+        assert m_skip[key] == pytest.approx(m_full[key], rel=1e-9), key
+    assert 0.0 < m_skip["filter/token_accept"] < 1.0
+    # no row ran a forward: no entropy to report (left out, not a misleading 0)
+    assert "actor/entropy" in m_full and "actor/entropy" not in m_skip
     assert g_skip.keys() == g_full.keys()
     assert all(not g.any() for g in (*g_skip.values(), *g_full.values()))  # every gradient exactly 0
 
 
-@pytest.mark.parametrize(
-    "case", ["balance_loss", "bias_update", "probe", "old_from_forward", "dropout"], ids=str
-)
+@pytest.mark.parametrize("case", ["balance_loss", "bias_update", "probe", "dropout"], ids=str)
 def test_no_skipping_where_the_rows_still_shape_the_update(policy, case) -> None:
     cfg = CONFIGS[0]
     batch = _prepared(policy, cfg)
@@ -188,15 +196,49 @@ def test_no_skipping_where_the_rows_still_shape_the_update(policy, case) -> None
         B, L = batch.input_ids.shape
         batch = batch.replace(rollout_experts=torch.full((B, L, 3, 2), -1, dtype=torch.int16))
         kwargs["probe"] = True
-    elif case == "old_from_forward":  # the skipped rows' pi_old would be missing from the output
-        batch = batch.replace(old_logp=None, filter=None)
-        kwargs |= {"old_from_forward": True, "old_logp_out": []}
     else:
         policy = copy.deepcopy(policy)
         policy.config.attention_dropout = 0.1  # fewer rows would shift the dropout masks of the others
     _, _, metrics, rows = _update(policy, batch, cfg, skip=True, **kwargs)
     assert metrics["actor/skipped_rows"] == 0.0
     assert sum(rows) == len(batch) * (2 if case == "probe" else 1)  # the probe: one more forward each
+
+
+@pytest.mark.parametrize("micro", [1, MICRO])
+def test_pi_old_from_the_forward_skips_only_the_backward_of_idle_rows(policy, micro) -> None:
+    """The fused path (pi_old from the training forward): idle rows still need pi_old (filter, samples),
+    so they run a forward without gradient; pi_old comes out in the batch's row order, the gradients and
+    every metric equal the unskipped step's."""
+    cfg = AlgorithmConfig(name="mispo", traj_filter="fixed", token_band=(0.3, 3.0), traj_band=(0.5, 2.0))
+    batch = _prepared(policy, cfg).replace(old_logp=None, filter=None)
+    n_idle = int((~signal_rows(batch, cfg)).sum())
+    assert 0 < n_idle < len(batch)
+    out_full: list[torch.Tensor] = []
+    out_skip: list[torch.Tensor] = []
+    _, g_full, m_full, rows_full = _update(
+        policy, batch, cfg, skip=False, micro=micro, old_from_forward=True, old_logp_out=out_full
+    )
+    _, g_skip, m_skip, rows_skip = _update(
+        policy, batch, cfg, skip=True, micro=micro, old_from_forward=True, old_logp_out=out_skip
+    )
+    assert sum(rows_full) == sum(rows_skip) == len(batch)  # every row ran one forward
+    assert m_skip["actor/skipped_rows"] == n_idle
+    assert len(out_full) == len(out_skip) == 1 and out_skip[0].shape == batch.input_ids.shape
+    # micro-batches of 3 regroup the rows (other padded widths): fp32 rounding of log-probs around -10
+    assert float((out_skip[0] - out_full[0]).abs().max()) <= (1e-6 if micro == 1 else 1e-5)
+    assert float(out_full[0][batch.loss_mask.bool()].abs().min()) > 0.0  # pi_old filled on every token
+    assert _max_diff(g_skip, g_full) <= (0.0 if micro == 1 else 1e-6)
+    assert m_full.keys() == m_skip.keys()
+    # The fused path computes the stateless filter per micro-batch: its quantiles and per-trajectory means
+    # are averaged over micro-batches, so they depend on how rows group (as between micro-batch sizes).
+    grouped = {"filter/log_ratio_p05", "filter/log_ratio_p50", "filter/log_ratio_p95"}
+    grouped.add("filter/abs_log_rho_mean")
+    differ = [
+        key
+        for key in m_full.keys() - {"actor/skipped_rows"} - (grouped if micro > 1 else set())
+        if m_skip[key] != pytest.approx(m_full[key], rel=1e-5, abs=1e-6)
+    ]
+    assert differ == [], differ
 
 
 class _Ranks:
