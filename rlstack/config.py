@@ -54,6 +54,20 @@ class ModelConfig(StrictModel):
         return data
 
 
+class DynamicSamplingConfig(StrictModel):
+    """DAPO-style over-sampling: a step trains only on groups with learning signal (their samples' rewards
+    differ) and keeps generating until it has `trainer.prompts_per_step` of them. It changes the algorithm
+    (the batch is no longer an unbiased sample of the prompts; the step's `reward/*` metrics stay those of
+    its first, unselected batch), so it is off by default."""
+
+    enabled: bool = False
+    """Fill each step with groups that have signal; groups without are recorded in `samples/` and dropped."""
+    max_rounds: int = Field(4, ge=1)
+    """Extra generation rounds per step at most, each of `prompts_per_step` new prompts with the current
+    weights; a step still short after them trains on the groups with signal it has (and says so in
+    `dynamic/short_groups`)."""
+
+
 class TrainerConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
@@ -79,6 +93,8 @@ class TrainerConfig(StrictModel):
     max_staleness: int = Field(1, ge=0)
     """Async only: a rollout made with policy version v is trained on only while current - v <= k.
     k = 0 makes async identical to sync."""
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=lambda: DynamicSamplingConfig())
+    """DAPO's dynamic sampling (changes the algorithm; off by default)."""
     checkpoint_every: int = Field(10, ge=0)
     """Save `checkpoints/step_N/` every N steps (0 = only at the end). A learner that dies restarts from the
     newest one (`faults.max_learner_restarts`), so this bounds the steps a learner failure redoes."""

@@ -25,6 +25,7 @@ import torch
 from rlstack.config import ConfigError, RunConfig, dump_config
 from rlstack.faults import Deadlines, FaultCounters, LearnerFailure, StopSignals
 from rlstack.mispo.config import AlgorithmConfig
+from rlstack.monitor.samples import DroppedRollout
 from rlstack.rewards.scoring import score_rollouts, unscored_reason
 from rlstack.run import check_env, init_ray, initial_policy
 from rlstack.run_dir import CHECKPOINTS, claim_run_dir, latest_checkpoint
@@ -32,6 +33,7 @@ from rlstack.step_metrics import StageTimer, reward_summary, rollout_metrics
 from rlstack.types import Rollout
 
 if TYPE_CHECKING:
+    from rlstack.dynamic_sampling import Selection
     from rlstack.learner.batch import PolicyBatch
     from rlstack.mispo.filters import FilterResult
     from rlstack.perf import FlopsPerToken
@@ -176,6 +178,14 @@ class Trainer:
             )
         with timer("score"):
             reward_metrics, reward_info = self._score(rollouts)
+        dropped = [DroppedRollout(r, f"stale: more than {self.max_staleness} updates old") for r in stale]
+        if self.cfg.trainer.dynamic_sampling.enabled:
+            selection, dynamic_metrics = self._fill_signal_groups(rollouts, reward_info, timer)
+            rollouts, reward_info = selection.rollouts, selection.reward_info
+            dropped += selection.dropped
+            staleness_metrics |= enforce_staleness(rollouts, self.learner.version, self.max_staleness)[2]
+            staleness_metrics["staleness/dropped"] = float(len(stale))
+            reward_metrics |= dynamic_metrics
         # Unscored samples (no reward applied) leave the loss, the filters and their group's statistics.
         batch = collate(rollouts, pad_id=self.tokenizer.pad_token_id).without_unscored()
         fused = self._old_logp_from_train_forward()
@@ -215,9 +225,7 @@ class Trainer:
         metrics |= self._perf(rollouts, batch, timer.seconds, fused)
         metrics |= self.faults.metrics(self.rollout) | {"data/prompts_drawn": float(self.source.drawn)}
         self.sink.log(self.step_index, metrics)
-        self.samples.write(
-            self.step_index, rollouts, batch, reward_info, stale, self.step_index - 1, self.max_staleness
-        )
+        self.samples.write(self.step_index, rollouts, batch, reward_info, dropped, self.step_index - 1)
         return metrics
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
@@ -315,22 +323,56 @@ class Trainer:
             item.pending = None
         return item.rollouts
 
-    def _submit(self, rows: list[dict[str, Any]], step: int) -> Any:
+    def _submit(self, rows: list[dict[str, Any]], step: int, extra_round: int = 0) -> Any:
+        """Generate `rows` for `step` (`extra_round` > 0: dynamic sampling's extra rounds of that step)."""
         from rlstack.data.prompts import rollout_prompt
 
+        tag = f"{step}+{extra_round}" if extra_round else f"{step}"  # prompt ids: one group per submission
         prompts = [
             rollout_prompt(
-                self.tokenizer, r, f"{step}:{i}:{r['prompt_id']}", self.tools, self.cfg.data.chat_template
+                self.tokenizer, r, f"{tag}:{i}:{r['prompt_id']}", self.tools, self.cfg.data.chat_template
             )
             for i, r in enumerate(rows)
         ]
-        # A seed per step: a resumed run samples exactly what the original would have.
-        sampling = self.cfg.rollout.sampling.model_copy(
-            update={
-                "seed": self.cfg.rollout.sampling.seed + 1_000_003 * self.cfg.trainer.seed + 10_007 * step
-            }
-        )
+        # A seed per step and round: a resumed run samples exactly what the original would have.
+        seed = self.cfg.rollout.sampling.seed + 1_000_003 * self.cfg.trainer.seed + 10_007 * step
+        sampling = self.cfg.rollout.sampling.model_copy(update={"seed": seed + 104_729 * extra_round})
         return self.rollout.submit(prompts, sampling, step=step + 1)
+
+    def _fill_signal_groups(
+        self, rollouts: list[Rollout], reward_info: list[dict[str, Any]], timer: StageTimer
+    ) -> tuple[Selection, dict[str, float]]:
+        """Dynamic sampling (`trainer.dynamic_sampling`): generate and score further rounds of
+        `prompts_per_step` prompts with the current weights until the step has that many groups with
+        signal (or `max_rounds` are spent); select them. Metrics count the rounds and what they cost."""
+        from rlstack.dynamic_sampling import groups_with_signal, select_groups
+        from rlstack.staleness import enforce_staleness
+
+        want, cfg = self.cfg.trainer.prompts_per_step, self.cfg.trainer.dynamic_sampling
+        first_groups = len(groups_with_signal(rollouts))
+        pool, info = list(rollouts), list(reward_info)
+        rounds = 0
+        while len(groups_with_signal(pool)) < want and rounds < cfg.max_rounds:
+            rounds += 1
+            rows = self.source.next_batch(want)
+            with timer("generate"):
+                extra = self.rollout.collect(self._submit(rows, self.step_index, extra_round=rounds))
+            # generated with the current weights: nothing is stale; the rule still holds them to it
+            extra, stale, _ = enforce_staleness(extra, self.learner.version, self.max_staleness)
+            if stale:
+                raise RuntimeError(f"dynamic sampling: {len(stale)} rollouts of a fresh round are stale")
+            with timer("score"):
+                extra_info = self._score(extra)[1]
+            pool += extra
+            info += extra_info
+        selection = select_groups(pool, info, want)
+        return selection, {
+            "dynamic/rounds": float(rounds),
+            "dynamic/extra_rollouts": float(len(pool) - len(rollouts)),
+            "dynamic/first_signal_groups": float(first_groups),
+            "dynamic/signal_groups": float(selection.groups),
+            "dynamic/short_groups": float(want - selection.groups),
+        }
 
     def _old_logp_from_train_forward(self) -> bool:
         """Whether pi_old can come from the training forward exactly (see `learner.fuse_old_logp`)."""

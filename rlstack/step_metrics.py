@@ -21,8 +21,8 @@ class StageTimer:
     def __enter__(self) -> None:
         self._start = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] = time.perf_counter() - self._start
+    def __exit__(self, *exc: object) -> None:  # a stage entered again adds up (dynamic sampling's rounds)
+        self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + time.perf_counter() - self._start
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}

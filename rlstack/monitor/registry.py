@@ -75,6 +75,12 @@ GROUPS: dict[str, tuple[str, str]] = {
         "Every step (rlstack/staleness.py). A trajectory's staleness is the learner's version minus the "
         "oldest weights version among its generated tokens; always 0 in sync mode.",
     ),
+    "dynamic": (
+        "Dynamic sampling",
+        "Steps with `trainer.dynamic_sampling.enabled` only (rlstack/dynamic_sampling.py). The step's "
+        "`reward/*` metrics stay those of its first batch (an unbiased sample); staleness covers what "
+        "trains.",
+    ),
     "filter": (
         "MIS-PO filters",
         "Every step, from the step's MIS filter over the whole batch (rlstack/mispo/filters.py): "
@@ -267,6 +273,33 @@ METRICS: tuple[Metric, ...] = (
         ],
     ),
     *_group(
+        "dynamic",
+        [
+            (
+                "dynamic/rounds",
+                "count",
+                "Extra generation rounds of the step (`trainer.dynamic_sampling`), each of prompts_per_step "
+                "prompts with the current weights.",
+            ),
+            ("dynamic/extra_rollouts", "count", "Rollouts the extra rounds generated (and scored)."),
+            (
+                "dynamic/first_signal_groups",
+                "count",
+                "Groups with learning signal (rewards that differ) in the step's first batch.",
+            ),
+            (
+                "dynamic/signal_groups",
+                "count",
+                "Groups with signal the step trained on (at most prompts_per_step).",
+            ),
+            (
+                "dynamic/short_groups",
+                "count",
+                "How many groups with signal the step lacked after `max_rounds` rounds (0: it was filled).",
+            ),
+        ],
+    ),
+    *_group(
         "filter",
         [
             (
@@ -347,8 +380,9 @@ METRICS: tuple[Metric, ...] = (
                 "actor/skipped_rows",
                 "count",
                 "Rows without learning signal (no trainable token with a nonzero advantage; with KL, no "
-                "trainable token) whose forward/backward was skipped, summed over the step; 0 where skipping "
-                "would change the update (docs/algorithm.md).",
+                "trainable token) whose backward (and, with pi_old computed beforehand, forward) was "
+                "skipped, summed over the step; 0 where skipping would change the update "
+                "(docs/algorithm.md).",
             ),
             (
                 "actor/nonfinite_logp_tokens",

@@ -3,7 +3,8 @@
 Per step, three records (appended; `rlstack.metrics.truncate_metrics` cuts them back when a run redoes
 steps):
 - `samples/rollouts.jsonl`: one line per rollout of the step: prompt, response, reward and its details,
-  staleness, the trajectory filter's decision; rollouts dropped as too stale are kept too (never trained).
+  staleness, the trajectory filter's decision; rollouts dropped before training (too stale, or a group
+  without signal under dynamic sampling) are kept too, with the reason.
 - `samples/tokens/step_NNNNNNN.parquet`: per-token data of a bounded sample of the step's trajectories
   (`logging.token_samples_per_step`): token ids and text, rollout and training log-probs, loss, tool and
   filter masks, versions, advantages. At most `logging.token_samples_keep` files: beyond that every other
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,15 @@ def token_files(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+@dataclass(frozen=True)
+class DroppedRollout:
+    """A rollout of the step that did not train, why, and its reward details (if it was scored)."""
+
+    rollout: Rollout
+    reason: str
+    reward_info: dict[str, Any] = field(default_factory=dict)
+
+
 class SampleWriter:
     """Writes a step's rollout records, its per-token sample and its log-ratio quantiles."""
 
@@ -61,15 +72,14 @@ class SampleWriter:
         rollouts: Sequence[Rollout],
         batch: PolicyBatch,
         reward_info: Sequence[dict[str, Any]],
-        stale: Sequence[Rollout],
+        dropped: Sequence[DroppedRollout],
         current_version: int,
-        max_staleness: int,
     ) -> None:
         """`batch` holds `rollouts` in order (row b = rollouts[b]) with the step's filter and advantages;
-        `stale` were dropped by the staleness rule before batching."""
+        `dropped` left before batching. Staleness is counted against `current_version`."""
         if batch.filter is None or batch.old_logp is None:
             raise ValueError("SampleWriter.write: the batch has no filter result / training log-probs yet")
-        self._write_rollouts(step, rollouts, batch, reward_info, stale, current_version, max_staleness)
+        self._write_rollouts(step, rollouts, batch, reward_info, dropped, current_version)
         self._write_log_ratio(step, batch)
         if self.cfg.token_samples_per_step > 0:
             self._write_tokens(step, rollouts, batch, current_version)
@@ -81,17 +91,15 @@ class SampleWriter:
         rollouts: Sequence[Rollout],
         batch: PolicyBatch,
         reward_info: Sequence[dict[str, Any]],
-        stale: Sequence[Rollout],
+        dropped: Sequence[DroppedRollout],
         current_version: int,
-        max_staleness: int,
     ) -> None:
         assert batch.filter is not None
         traj_ok = batch.filter.traj_mask.tolist()
         trained = zip(rollouts, traj_ok, reward_info, strict=True)
         entries: list[tuple[Rollout, bool, dict[str, Any], str | None]]
         entries = [(r, bool(ok), info, None) for r, ok, info in trained]
-        dropped = f"stale: more than {max_staleness} updates old"
-        entries += [(r, False, {}, dropped) for r in stale]
+        entries += [(d.rollout, False, d.reward_info, d.reason) for d in dropped]
         with (self.run_dir / ROLLOUTS).open("a") as f:
             for sample, (rollout, accepted, info, why_dropped) in enumerate(entries):
                 record: dict[str, Any] = {

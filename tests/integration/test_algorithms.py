@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlstack.config import load_config
+from rlstack.config import DynamicSamplingConfig, load_config
 from rlstack.driver import Submitted, Trainer
 from rlstack.mispo import AlgorithmConfig
+from rlstack.rewards.config import RewardSpec
+from rlstack.rewards.group import RewardGroup
 
 pytestmark = [
     pytest.mark.ray,
@@ -110,6 +112,32 @@ def test_every_algorithm_and_filter_trains_through_the_trainer(tmp_path: Path) -
         assert sum("dropped" in r for r in last) == 6 and all(
             r["staleness"] == 2 for r in last if "dropped" in r
         )
+        # Dynamic sampling: a reward with signal in about half the groups; every step trains only groups
+        # whose rewards differ, generating extra rounds (fresh weights, staleness 0) to fill the batch.
+        trainer.rewards = RewardGroup(
+            [RewardSpec(import_path="toy_rewards:length_where_prompt_odd")], trainer.cfg.reward_workers
+        )
+        trainer.cfg.trainer.dynamic_sampling = DynamicSamplingConfig(enabled=True, max_rounds=3)
+        n_records = sum(1 for _ in (tmp_path / "group/samples/rollouts.jsonl").open())
+        steps = [trainer.step() for _ in range(3)]
+        assert any(m["dynamic/rounds"] > 0 for m in steps)  # P(no round in 3 steps) ~ 2^-12
+        for m in steps:
+            assert m["dynamic/signal_groups"] + m["dynamic/short_groups"] == 4
+            assert m["dynamic/signal_groups"] >= m["dynamic/first_signal_groups"]
+            assert m["dynamic/extra_rollouts"] == 16 * m["dynamic/rounds"]
+            assert m["staleness/max"] <= 1
+        records = [json.loads(line) for line in (tmp_path / "group/samples/rollouts.jsonl").open()][
+            n_records:
+        ]
+        assert len(records) == sum(16 * (m["dynamic/rounds"] + 1) for m in steps)  # every rollout recorded
+        rewards: dict[tuple[str, bool], set[float]] = {}
+        for r in records:
+            if r["reward"] is not None:
+                key = (r["prompt_id"], r.get("dropped", "").startswith("no signal"))
+                rewards.setdefault(key, set()).add(r["reward"])
+        assert any(dropped for _, dropped in rewards) and any(not dropped for _, dropped in rewards)
+        for (_, dropped), seen in rewards.items():  # trained groups have signal, dropped ones none
+            assert (len(seen) == 1) == dropped
 
 
 def test_ppo_with_a_critic_trains_through_the_trainer(tmp_path: Path) -> None:

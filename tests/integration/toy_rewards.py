@@ -67,3 +67,11 @@ def slow_digit_fraction(prompts: list[str], completions: list[str], **columns: o
 
     time.sleep(3)
     return digit_fraction(prompts, completions, **columns)
+
+
+def length_where_prompt_odd(prompts: list[str], completions: list[str], **columns: object) -> list[float]:
+    """The completion's length for prompts whose UTF-8 bytes add up to an odd number, 0 for the others: about
+    half the groups carry learning signal (dynamic sampling's test)."""
+    return [
+        float(len(c)) if sum(str(p).encode()) % 2 else 0.0 for p, c in zip(prompts, completions, strict=True)
+    ]

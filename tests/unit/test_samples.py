@@ -17,6 +17,7 @@ from rlstack.monitor.config import LoggingConfig
 from rlstack.monitor.samples import (
     LOG_RATIO,
     ROLLOUTS,
+    DroppedRollout,
     SampleWriter,
     pick_samples,
     thin_token_files,
@@ -67,8 +68,8 @@ def _batch(rollouts: list[Rollout], seed: int = 0):  # type: ignore[no-untyped-d
 def _write(writer: SampleWriter, step: int) -> tuple[list[Rollout], object]:
     rollouts = _rollouts(step)
     batch = _batch(rollouts, seed=step)
-    stale = [_rollouts(step)[0]]
-    writer.write(step, rollouts, batch, [{"math": {"ok": i}} for i in range(6)], stale, step - 1, 1)
+    stale = [DroppedRollout(_rollouts(step)[0], "stale: more than 1 updates old")]
+    writer.write(step, rollouts, batch, [{"math": {"ok": i}} for i in range(6)], stale, step - 1)
     return rollouts, batch
 
 
