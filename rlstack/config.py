@@ -185,6 +185,13 @@ class RunConfig(StrictModel):
                 "data.chat_template: false, but a tool environment (env) needs the chat template: tool calls "
                 "and their results are chat turns"
             )
+        if self.rollout.partial_rollouts:
+            records_routing = self.learner.routing_replay == "rollout" or self.learner.moe.probe_every > 0
+            if self.env is not None or records_routing:
+                raise ValueError(
+                    "rollout.partial_rollouts needs single-turn rollouts (no env) and no recorded routing "
+                    "(learner.routing_replay other than 'rollout', learner.moe.probe_every 0)"
+                )
         critic_advantage, critic_on = self.algorithm.advantage == "critic", self.learner.critic.enabled
         if critic_advantage != critic_on:
             raise ValueError(

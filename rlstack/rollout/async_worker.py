@@ -7,11 +7,18 @@ with `sampling.seed + i`), so both engines sample the same tokens for the same c
 
 Weight updates keep every rollout on one weights version: `begin_update` stops new calls from starting,
 waits for the running ones to finish on the old weights, then loads (the engine is idle while buckets
-arrive); `finish_update` sets the new version and lets the waiting calls in. The engine side is the same
-`WorkerExtension` as the sync engine (layerwise reload + the CPU MoE re-prepack of blocker 2), reached
-with AsyncLLM's own `collective_rpc` through the same forwarding methods (rollout.sync.engine_rpc).
-AsyncLLM always runs its engine core in a separate process, so payloads cross as bytes (tensors cannot),
-and `shutdown` must stop that process before Ray kills the actor.
+arrive); `finish_update` sets the new version and lets the waiting calls in.
+
+With `rollout.partial_rollouts` an update does not wait: it aborts every request in flight (vLLM's
+`pause_generation(mode="abort")`, which returns each request's tokens so far), loads, resumes, and each
+unfinished completion continues as a new request whose prompt is the old prompt plus its tokens, prefilled
+again under the new weights. Requests enter the engine only while no update is under way (the same lock),
+so each segment's tokens and log-probs come from one known version (`response_versions`).
+
+The engine side is the same `WorkerExtension` as the sync engine (layerwise reload + the CPU MoE re-prepack
+of blocker 2), reached with AsyncLLM's own `collective_rpc` through the same forwarding methods
+(rollout.sync.engine_rpc). AsyncLLM always runs its engine core in a separate process, so payloads cross
+as bytes (tensors cannot), and `shutdown` must stop that process before Ray kills the actor.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import dataclasses
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +44,7 @@ from rlstack.rollout.worker import (
     engine_settings,
     episode_runner,
     fed_tokens,
+    finish_reason,
     sampling_params,
     to_rollouts,
     to_turn,
@@ -47,6 +56,30 @@ from rlstack.types import Rollout
 
 if TYPE_CHECKING:
     from rlstack.rollout.multiturn import Episode
+
+
+@dataclass
+class _Span:
+    """A completion assembled from the segments of a partial rollout, each generated on one version."""
+
+    started: int  # the version the first segment ran on (it may have produced no token)
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str | None
+
+    @classmethod
+    def start(cls, completion: Any, version: int) -> _Span:
+        span = cls(version, [], [], [], None)
+        span.extend(completion, version)
+        return span
+
+    def extend(self, completion: Any, version: int) -> None:
+        ids = list(completion.token_ids)
+        self.token_ids += ids
+        self.logprobs += [step[t].logprob for t, step in zip(ids, completion.logprobs or [], strict=True)]
+        self.versions += [version] * len(ids)
+        self.finish_reason = completion.finish_reason
 
 
 class AsyncRolloutWorker(AsyncEngineRPC):
@@ -101,6 +134,13 @@ class AsyncRolloutWorker(AsyncEngineRPC):
                 runs = [self._episode(e, i, sampling, call) for i, e in enumerate(episodes)]
                 await asyncio.gather(*runs)
                 return [e.to_rollout() for e in episodes]
+            if self.config.partial_rollouts:
+                spanning = [
+                    self._spanning(prompt_ids(p, self.tokenizer), sampling, i, call)
+                    for i, p in enumerate(prompts)
+                ]
+                spans = await asyncio.gather(*spanning)
+                return [r for p, out in zip(prompts, spans, strict=True) for r in self._span_rollouts(p, out)]
             inputs = [token_prompt(prompt_ids(p, self.tokenizer)) for p in prompts]
             requests = []
             for i, prompt in enumerate(inputs):
@@ -118,6 +158,69 @@ class AsyncRolloutWorker(AsyncEngineRPC):
                 self._running -= 1
                 self._state.notify_all()
         return rollouts
+
+    async def _request(self, ids: list[int], params: Any, request_id: str) -> tuple[Any, int]:
+        """Partial rollouts: one request, added only while no weight update is under way; its final output
+        (aborted with its tokens so far when an update interrupts it) and the weights version it ran on."""
+        async with self._state:
+            await self._state.wait_for(lambda: not self._updating)
+            queue = await self.llm.add_request(
+                f"rlstack-{os.getpid()}-{request_id}", token_prompt(ids), params
+            )
+            version = self.version
+        try:
+            while True:
+                out = queue.get_nowait() or await queue.get()
+                if out.finished:
+                    return out, version
+        except asyncio.CancelledError:
+            await self.llm.abort(queue.request_id, internal=True)
+            raise
+
+    async def _spanning(self, ids: list[int], sampling: SamplingConfig, index: int, call: int) -> list[_Span]:
+        """Partial rollouts: the `sampling.n` completions of request `index` of a call, each continued across
+        weight updates until it finishes (see the module docstring)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params = sampling_params(sampling, index)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        request_id = f"{call}-{index}"
+        out, version = await self._request(ids, params, request_id)
+        spans = [_Span.start(c, version) for c in out.outputs]
+        for j, span in enumerate(spans):
+            while span.finish_reason == "abort" and len(span.token_ids) < params.max_tokens:
+                more = params.clone()
+                more.n = 1
+                more.max_tokens = params.max_tokens - len(span.token_ids)
+                more.min_tokens = max(0, params.min_tokens - len(span.token_ids))
+                more.seed = (
+                    None if params.seed is None else params.seed + 1_000_003 * (j + 1) + len(span.token_ids)
+                )
+                out, version = await self._request(
+                    ids + span.token_ids, more, f"{request_id}-{j}-{len(span.token_ids)}"
+                )
+                span.extend(out.outputs[0], version)
+        return spans
+
+    def _span_rollouts(self, prompt: Prompt, spans: list[_Span]) -> list[Rollout]:
+        ids = prompt_ids(prompt, self.tokenizer)
+        return [
+            Rollout(
+                prompt_id=prompt.prompt_id,
+                prompt_ids=list(ids),
+                response_ids=span.token_ids,
+                response_logprobs=span.logprobs,
+                finish_reason=finish_reason(
+                    span.finish_reason if span.finish_reason != "abort" else "length"
+                ),
+                version=span.started,
+                prompt_text=prompt.text,
+                response_text=self.tokenizer.decode(span.token_ids, skip_special_tokens=True),
+                columns=dict(prompt.columns),
+                response_versions=span.versions,
+            )
+            for span in spans
+        ]
 
     async def _take_routes(self, sequences: list[list[int]]) -> list[Any]:
         from rlstack.rollout.routing_capture import decode_record
@@ -165,13 +268,19 @@ class AsyncRolloutWorker(AsyncEngineRPC):
     async def begin_update(self) -> None:
         async with self._state:
             self._updating = True
-            await self._state.wait_for(lambda: self._running == 0)
+            if not self.config.partial_rollouts:
+                await self._state.wait_for(lambda: self._running == 0)
+        if self.config.partial_rollouts:
+            # every request in flight ends now with its tokens so far; none enters until finish_update
+            await self.llm.pause_generation(mode="abort", clear_cache=True)
         await super().begin_update()
 
     async def finish_update(self, version: int | None) -> int:
         try:
             return await self._finish_reload()
         finally:
+            if self.config.partial_rollouts:
+                await self.llm.resume_generation()
             async with self._state:
                 if version is not None:
                     self.version = version

@@ -72,6 +72,13 @@ class RolloutConfig(StrictModel):
     """'sync': `vllm.LLM`, one generate call at a time per actor. 'async': vLLM's AsyncLLM in an async actor,
     so batches submitted while others run are generated concurrently (its engine core always runs in a
     process of its own; `multiprocessing` then moves the model into a third process)."""
+    partial_rollouts: bool = False
+    """Async engine only: a weight update no longer waits for the requests in flight. It aborts them
+    (vLLM's `pause_generation(mode="abort")`), loads the new weights, and continues each unfinished
+    completion as a new request: the old prompt plus its tokens so far, prefilled again under the new
+    weights (no KV cache of the old weights is reused), so every token's recorded log-prob comes from one
+    weights version, the one in its `response_versions`. Single-turn only, and not with recorded routing
+    (routing replay from the rollout, the MoE probe)."""
     multiprocessing: bool = False
     """Run vLLM's engine core in its own process (vLLM's default) instead of inside the actor."""
     enforce_eager: bool = True
@@ -91,3 +98,9 @@ class RolloutConfig(StrictModel):
     such as one layer's experts, that is larger travels alone)."""
     changed_only: bool = True
     """Skip the tensors whose content did not change since the last push (compared by digest)."""
+
+    @model_validator(mode="after")
+    def _check_partial(self) -> RolloutConfig:
+        if self.partial_rollouts and self.engine != "async":
+            raise ValueError("rollout.partial_rollouts needs rollout.engine 'async' (vLLM's AsyncLLM)")
+        return self

@@ -192,7 +192,7 @@ def to_turn(out: Any, version: int) -> Turn:
     completion = out.outputs[0]
     ids = list(completion.token_ids)
     logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs or [], strict=True)]
-    return Turn(ids, logprobs, _finish_reason(completion.finish_reason), version)
+    return Turn(ids, logprobs, finish_reason(completion.finish_reason), version)
 
 
 def token_prompt(ids: list[int]) -> Any:
@@ -229,7 +229,7 @@ def to_rollouts(prompt: Prompt, out: Any, version: int) -> list[Rollout]:
                 prompt_ids=list(out.prompt_token_ids),
                 response_ids=ids,
                 response_logprobs=logprobs,
-                finish_reason=_finish_reason(completion.finish_reason),
+                finish_reason=finish_reason(completion.finish_reason),
                 version=version,
                 prompt_text=prompt.text,
                 response_text=completion.text,
@@ -269,5 +269,6 @@ def attach_routes(rollouts: list[Rollout], records: list[Any]) -> None:
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-def _finish_reason(reason: str | None) -> FinishReason:
+def finish_reason(reason: str | None) -> FinishReason:
+    """vLLM's finish reason as a rollout's (`stop`, `length`, ...; anything unknown is `abort`)."""
     return _FINISH_REASONS.get(reason or "", "abort")
