@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 PROMPTS = [Prompt(f"p{i}", text=f"<|user|>Compute {i}*{i + 3}.<|assistant|>") for i in range(16)]
 # no min_tokens: vLLM masks EOS before it and records those log-probs, which no learner reproduces (README)
 SAMPLING = SamplingConfig(n=4, max_tokens=48, seed=1)
-GAP = 1e-3  # engine vs learner log-probs of one weights version (as tests/integration/test_rollout_learner.py)
+GAP = 1e-3  # engine vs learner log-probs of one weights version (as in test_rollout_learner.py)
 
 
 @pytest.fixture(scope="module")
