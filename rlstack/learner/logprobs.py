@@ -239,57 +239,38 @@ def score_tokens(
     computes (almost) no padding; outputs come back in the (B, T) layout. None = the process-wide setting
     (`set_pack_sequences`, `learner.pack_sequences`).
     """
-    if (_pack if pack is None else pack) and not bool(attention_mask.bool().all()):
-        return _score_packed(
-            model,
-            input_ids,
-            attention_mask,
-            with_entropy=with_entropy,
-            with_routing=with_routing,
-            transform=transform,
-            routed_experts=routed_experts,
-            chunk_tokens=chunk_tokens,
-        )
-    return _score_rows(
-        model,
-        input_ids,
-        attention_mask,
-        {},
-        with_entropy=with_entropy,
-        with_routing=with_routing,
-        transform=transform,
-        routed_experts=routed_experts,
-        chunk_tokens=chunk_tokens,
+    how = _Scoring(
+        with_entropy, with_routing, transform, _chunk_tokens if chunk_tokens is None else chunk_tokens
     )
+    if (_pack if pack is None else pack) and not bool(attention_mask.bool().all()):
+        return _score_packed(model, input_ids, attention_mask, routed_experts, how)
+    return _score_rows(model, input_ids, attention_mask, routed_experts, how)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """What `score_tokens` computes (its keyword arguments, resolved)."""
+
+    with_entropy: bool
+    with_routing: bool
+    transform: SamplingTransform | None
+    chunk_tokens: int
 
 
 def _score_packed(
     model: Callable[..., object],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    *,
-    with_entropy: bool,
-    with_routing: bool,
-    transform: SamplingTransform | None,
     routed_experts: torch.Tensor | None,
-    chunk_tokens: int | None,
+    how: _Scoring,
 ) -> TokenScores:
     """`score_tokens` through packed rows: pack, forward (transformers' packed format), unpack."""
     rows = pack_rows(input_ids, attention_mask)
     extra: dict[str, Any] = {"position_ids": rows.position_ids}
-    if with_routing:
+    if how.with_routing:
         extra["routing_token_mask"] = rows.token_mask  # the routing statistics count real tokens only
-    scores = _score_rows(
-        model,
-        rows.input_ids,
-        None,
-        extra,
-        with_entropy=with_entropy,
-        with_routing=with_routing,
-        transform=transform,
-        routed_experts=None if routed_experts is None else rows.pack(routed_experts, fill=-1),
-        chunk_tokens=chunk_tokens,
-    )
+    replay = None if routed_experts is None else rows.pack(routed_experts, fill=-1)
+    scores = _score_rows(model, rows.input_ids, None, replay, how, extra)
     B, T = input_ids.shape
     stats = scores.router_stats
     if stats is not None:  # per-token arrays back to the (B*T,) layout; counts and means are real-only
@@ -324,23 +305,24 @@ def _score_rows(
     model: Callable[..., object],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    extra: dict[str, Any],
-    *,
-    with_entropy: bool,
-    with_routing: bool,
-    transform: SamplingTransform | None,
     routed_experts: torch.Tensor | None,
-    chunk_tokens: int | None,
+    how: _Scoring,
+    extra: dict[str, Any] | None = None,
 ) -> TokenScores:
     """`score_tokens` of rows as given (`extra`: more model keywords, e.g. packed rows' position ids)."""
     # no KV cache: a training or scoring forward never continues (HF models build one by default)
-    kwargs: dict[str, Any] = {"use_cache": False, **extra}
+    kwargs: dict[str, Any] = {"use_cache": False, **(extra or {})}
+    with_entropy, with_routing, transform, chunk = (
+        how.with_entropy,
+        how.with_routing,
+        how.transform,
+        how.chunk_tokens,
+    )
     if with_routing:
         kwargs["output_router_stats"] = True
     if routed_experts is not None:
         kwargs["routed_experts"] = routed_experts
     B, T = input_ids.shape
-    chunk = _chunk_tokens if chunk_tokens is None else chunk_tokens
     head = _output_head(model) if 0 < chunk < B * (T - 1) else None
     if head is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
