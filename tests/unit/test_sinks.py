@@ -66,11 +66,17 @@ def _session_two(run_dir: Path, cfg: LoggingConfig) -> None:
 
 
 def _no_wandb_processes() -> list[str]:
-    return [
-        " ".join(p.cmdline())
-        for p in psutil.Process().children(recursive=True)
-        if "wandb" in " ".join(p.cmdline())
-    ]
+    """Live wandb processes among this process's children (an exited one not yet reaped, a zombie, holds
+    nothing and reads no command line)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+        if "wandb" in command:
+            found.append(command)
+    return found
 
 
 def test_tensorboard_and_wandb_hold_what_metrics_jsonl_holds_across_redo_and_resume(tmp_path: Path) -> None:
