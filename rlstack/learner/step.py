@@ -483,13 +483,13 @@ def _collect_skipped(stats: MetricSums, skipped: PolicyBatch, algo_cfg: Algorith
     stats.add("batch/sequences", float(mask.any(-1).sum()))
     if not n_tok:
         return
-    trained = float(trainable_tokens(skipped, algo_cfg).sum())
-    stats.add_weighted("actor/train_frac", trained / n_tok, n_tok)
     flt = skipped.filter
     if flt is None and algo_cfg.traj_filter_is_stateless:
         assert skipped.old_logp is not None  # a skip without a forward needs pi_old in the batch
         band = algo_cfg.traj_band if algo_cfg.traj_filter == "fixed" else None
         flt = apply_filters(skipped.old_logp, skipped.rollout_logp, mask, algo_cfg.token_band, band)
+    trained = float(trainable_tokens(skipped.replace(filter=flt), algo_cfg).sum())
+    stats.add_weighted("actor/train_frac", trained / n_tok, n_tok)
     for k, v in (flt.metrics if flt is not None else {}).items():
         stats.add_weighted(k, v, n_tok)
 

@@ -99,21 +99,9 @@ def test_every_algorithm_and_filter_trains_through_the_trainer(tmp_path: Path) -
         for mode in ("greedy", "sampled"):
             unscored = ev[f"{mode}_unscored"]
             assert 0 <= unscored <= 4 and (unscored == 4 or 0.0 <= ev[f"{mode}_accuracy"] <= 1.0)
-        # The staleness rule at training time: a queued batch whose tokens are too old is dropped.
-        current = trainer.learner.version
-        fresh = trainer._finished(trainer.queue[0])
-        stale = [replace(r, response_versions=[current - 2] * len(r.response_ids)) for r in fresh[:6]]
-        trainer.queue.appendleft(Submitted(rows=[], step=trainer.step_index, rollouts=stale + fresh[6:]))
-        m = trainer.step()
-        assert m["staleness/dropped"] == 6 and m["batch/rows"] == len(fresh) - 6
-        last = [json.loads(line) for line in (tmp_path / "group/samples/rollouts.jsonl").open()][
-            -len(fresh) :
-        ]
-        assert sum("dropped" in r for r in last) == 6 and all(
-            r["staleness"] == 2 for r in last if "dropped" in r
-        )
         # Dynamic sampling: a reward with signal in about half the groups; every step trains only groups
         # whose rewards differ, generating extra rounds (fresh weights, staleness 0) to fill the batch.
+        group_rewards = trainer.rewards
         trainer.rewards = RewardGroup(
             [RewardSpec(import_path="toy_rewards:length_where_prompt_odd")], trainer.cfg.reward_workers
         )
@@ -138,6 +126,21 @@ def test_every_algorithm_and_filter_trains_through_the_trainer(tmp_path: Path) -
         assert any(dropped for _, dropped in rewards) and any(not dropped for _, dropped in rewards)
         for (_, dropped), seen in rewards.items():  # trained groups have signal, dropped ones none
             assert (len(seen) == 1) == dropped
+        trainer.rewards = group_rewards
+        trainer.cfg.trainer.dynamic_sampling = DynamicSamplingConfig()
+        # The staleness rule at training time: a queued batch whose tokens are too old is dropped.
+        current = trainer.learner.version
+        fresh = trainer._finished(trainer.queue[0])
+        stale = [replace(r, response_versions=[current - 2] * len(r.response_ids)) for r in fresh[:6]]
+        trainer.queue.appendleft(Submitted(rows=[], step=trainer.step_index, rollouts=stale + fresh[6:]))
+        m = trainer.step()
+        assert m["staleness/dropped"] == 6 and m["batch/rows"] == len(fresh) - 6
+        last = [json.loads(line) for line in (tmp_path / "group/samples/rollouts.jsonl").open()][
+            -len(fresh) :
+        ]
+        assert sum("dropped" in r for r in last) == 6 and all(
+            r["staleness"] == 2 for r in last if "dropped" in r
+        )
 
 
 def test_ppo_with_a_critic_trains_through_the_trainer(tmp_path: Path) -> None:

@@ -162,6 +162,19 @@ def test_skipping_zero_signal_rows_leaves_the_update_unchanged(policy, cfg) -> N
         assert m_skip[key] == pytest.approx(m_full[key], rel=1e-12), key
 
 
+def test_a_stateless_filter_computed_per_micro_batch_counts_skipped_rows_alike(policy) -> None:
+    """No precomputed batch.filter (a fixed/off trajectory filter is computed per micro-batch): the skipped
+    rows' `actor/train_frac` and filter metrics come from the same band as the rows that ran."""
+    cfg = CONFIGS[0]
+    batch = _prepared(policy, cfg).replace(filter=None)
+    _, g_full, m_full, _ = _update(policy, batch, cfg, skip=False, micro=1)
+    _, g_skip, m_skip, _ = _update(policy, batch, cfg, skip=True, micro=1)
+    assert m_skip["actor/skipped_rows"] > 0 and _max_diff(g_skip, g_full) == 0.0
+    assert 0.0 < m_full["actor/train_frac"] < 1.0  # the token band rejects some tokens
+    for key in ("actor/train_frac", "filter/token_accept", "filter/traj_accept"):
+        assert m_skip[key] == pytest.approx(m_full[key], rel=1e-9), key
+
+
 def test_a_mini_batch_without_signal_runs_one_inert_forward(policy) -> None:
     cfg = CONFIGS[0]
     batch = _prepared(policy, cfg)
