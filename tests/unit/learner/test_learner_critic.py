@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 # the policy step tests' rank threads (a sibling module): the critic must pass the same equivalence
-from test_learner_step import ThreadGroup, _assert_close
+from test_learner_step import _assert_close
+from thread_ranks import RankReducer, run_on_ranks
 
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import CriticConfig, LearnerConfig
@@ -127,26 +127,14 @@ def test_critic_micro_batches_and_two_ranks_equal_one(tiny_checkpoint: Path, rag
     for name in g_one:
         _assert_close(g_micro[name], g_one[name], name)
 
-    world = ThreadGroup(2)
     shards, models = batch.split(2), [copy.deepcopy(vm) for _ in range(2)]
-    results: list[dict[str, float] | None] = [None, None]
-    errors: list[BaseException] = []
 
-    def rank_main(r: int) -> None:
-        try:
-            reducer = world.rank(r)  # micro-batch 3: rank 0 runs 2 micro-batches, rank 1 one + one inert
-            stats = accumulate_critic_minibatch(models[r], shards[r], loss_norm, TorchSink(), reducer, 3)
-            results[r] = finish_critic_metrics(stats.all_reduce(reducer).result())
-        except BaseException as e:
-            errors.append(e)
-            world.barrier.abort()
+    def rank_main(r: int, reducer: RankReducer) -> dict[str, float]:
+        # micro-batch 3: rank 0 runs 2 micro-batches, rank 1 one + one inert
+        stats = accumulate_critic_minibatch(models[r], shards[r], loss_norm, TorchSink(), reducer, 3)
+        return finish_critic_metrics(stats.all_reduce(reducer).result())
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = run_on_ranks(2, rank_main)
     grads = [_grads(m) for m in models]
     for name, g in g_one.items():
         _assert_close((grads[0][name] + grads[1][name]) / 2, g, name)  # data parallelism averages

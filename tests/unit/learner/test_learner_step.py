@@ -4,10 +4,10 @@ with a barrier all-reduce, gradients averaged as data parallelism does) == one r
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
+from thread_ranks import RankReducer, run_on_ranks
 
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch
@@ -71,63 +71,20 @@ def test_one_micro_batch_of_8_equals_8_of_1(policy, ragged_batch, cfg) -> None:
     assert m_full["batch/tokens"] == float(batch.loss_mask.sum())
 
 
-class ThreadGroup:
-    """All-reduce between threads of one process: each rank deposits, waits, reads the total."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.barrier = threading.Barrier(world_size)
-        self.slots: list[torch.Tensor | None] = [None] * world_size
-
-    def rank(self, r: int) -> _RankReducer:
-        return _RankReducer(self, r)
-
-
-class _RankReducer:
-    def __init__(self, group: ThreadGroup, r: int) -> None:
-        self.group, self.r, self.world_size = group, r, group.world_size
-
-    def _reduce(self, t: torch.Tensor, fn) -> torch.Tensor:
-        self.group.slots[self.r] = t.clone()
-        self.group.barrier.wait()
-        result = fn(torch.stack(self.group.slots))  # type: ignore[arg-type]
-        self.group.barrier.wait()  # nobody overwrites a slot before everyone has read
-        return t.copy_(result)
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, lambda s: s.sum(0))
-
-    def max_(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, lambda s: s.max(0).values)
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-{c.traj_filter}-{c.loss_norm}")
 def test_two_ranks_with_averaged_grads_equal_one_rank(policy, ragged_batch, cfg) -> None:
     batch = _prepared(policy, ragged_batch, cfg).select(slice(0, 7))  # 7 rows: shards of 4 and 3
     g_one, m_one = _run(policy, batch, cfg, micro_batch_size=7)
 
-    world = ThreadGroup(2)
     shards = batch.split(2)
     models = [copy.deepcopy(policy) for _ in range(2)]
-    results: list[dict[str, float] | None] = [None, None]
-    errors: list[BaseException] = []
 
-    def rank_main(r: int) -> None:
-        try:
-            reducer = world.rank(r)
-            # micro-batch size 3: rank 0 runs 2 micro-batches, rank 1 one real + one inert (padding)
-            stats: MetricSums = accumulate_minibatch(models[r], shards[r], cfg, TorchSink(), reducer, 3)
-            results[r] = stats.all_reduce(reducer).result()
-        except BaseException as e:  # surface thread failures in the test
-            errors.append(e)
-            world.barrier.abort()
+    def rank_main(r: int, reducer: RankReducer) -> dict[str, float]:
+        # micro-batch size 3: rank 0 runs 2 micro-batches, rank 1 one real + one inert (padding)
+        stats: MetricSums = accumulate_minibatch(models[r], shards[r], cfg, TorchSink(), reducer, 3)
+        return stats.all_reduce(reducer).result()
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = run_on_ranks(2, rank_main)
     grads = [_grads(m) for m in models]
     for name, g in g_one.items():
         averaged = (grads[0][name] + grads[1][name]) / 2  # what data-parallel all-reduce does

@@ -8,16 +8,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-import threading
-from collections.abc import Callable
 
 import pytest
 import torch
+from thread_ranks import RankReducer, run_on_ranks
 
 from rlstack.learner.batch import PolicyBatch, collate
 from rlstack.learner.config import MoEConfig
 from rlstack.learner.logprobs import token_logprobs
-from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch, signal_rows
+from rlstack.learner.signal import signal_rows
+from rlstack.learner.step import LocalReducer, MetricSums, TorchSink, accumulate_minibatch
 from rlstack.mispo import AlgorithmConfig, MISFilter, compute_advantages
 from rlstack.model import Step3p5ForCausalLM
 from rlstack.types import Rollout
@@ -254,36 +254,6 @@ def test_pi_old_from_the_forward_skips_only_the_backward_of_idle_rows(policy, mi
     assert differ == [], differ
 
 
-class _Ranks:
-    """All-reduce between threads of one process (ranks deposit, wait, read the total)."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.barrier = threading.Barrier(world_size)
-        self.slots: list[torch.Tensor] = [torch.zeros(0)] * world_size
-
-    def rank(self, r: int) -> _RankReducer:
-        return _RankReducer(self, r)
-
-
-class _RankReducer:
-    def __init__(self, group: _Ranks, r: int) -> None:
-        self.group, self.r, self.world_size = group, r, group.world_size
-
-    def _reduce(self, t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        self.group.slots[self.r] = t.clone()
-        self.group.barrier.wait()
-        result = fn(torch.stack(self.group.slots))
-        self.group.barrier.wait()
-        return t.copy_(result)
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, lambda s: s.sum(0))
-
-    def max_(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, lambda s: s.max(0).values)
-
-
 def test_a_rank_whose_rows_are_all_skipped_pads_to_the_others_forwards(policy) -> None:
     """Rank 1 holds only zero-advantage rows: it runs inert micro-batches, as many as rank 0 (ZeRO-3
     gathers inside each forward), and the averaged gradients equal one unskipped rank's."""
@@ -296,27 +266,14 @@ def test_a_rank_whose_rows_are_all_skipped_pads_to_the_others_forwards(policy) -
     one = copy.deepcopy(policy)
     accumulate_minibatch(one, batch, cfg, TorchSink(), LocalReducer(), MICRO, skip_zero_signal=False)
 
-    world = _Ranks(2)
     models = [copy.deepcopy(policy) for _ in range(2)]
     rows = [_count_rows(m) for m in models]
-    results: list[dict[str, float]] = [{}, {}]
-    errors: list[BaseException] = []
 
-    def rank_main(r: int) -> None:
-        try:
-            reducer = world.rank(r)
-            stats: MetricSums = accumulate_minibatch(models[r], shards[r], cfg, TorchSink(), reducer, MICRO)
-            results[r] = stats.all_reduce(reducer).result()
-        except BaseException as e:  # surface thread failures in the test
-            errors.append(e)
-            world.barrier.abort()
+    def rank_main(r: int, reducer: RankReducer) -> dict[str, float]:
+        stats: MetricSums = accumulate_minibatch(models[r], shards[r], cfg, TorchSink(), reducer, MICRO)
+        return stats.all_reduce(reducer).result()
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = run_on_ranks(2, rank_main)
     assert len(rows[0]) == len(rows[1]) == -(-int(signal_rows(shards[0], cfg).sum()) // MICRO)
     assert results[0] == results[1] and results[0]["actor/skipped_rows"] == len(batch) - sum(rows[0])
     scale = max(float(p.grad.abs().max()) for p in one.parameters() if p.grad is not None)
