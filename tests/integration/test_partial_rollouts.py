@@ -77,7 +77,7 @@ def test_an_update_mid_generation_continues_under_the_new_weights(
 
     assert len(rollouts) == 64 and all(0 < len(r.response_ids) <= 48 for r in rollouts)
     assert all(r.finish_reason in ("stop", "length") and r.version == 0 for r in rollouts)
-    assert all(r.finish_reason == "length" for r in rollouts if len(r.response_ids) == 48)
+    assert all(len(r.response_ids) == 48 for r in rollouts if r.finish_reason == "length")
     spanning = [r for r in rollouts if r.response_versions is not None and len(set(r.response_versions)) > 1]
     assert spanning, f"no completion spans the update (update took {update_s:.1f}s, batch {full_s:.1f}s)"
     for r in spanning:

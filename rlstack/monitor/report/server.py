@@ -8,6 +8,7 @@ costs a 304. Stdlib only: `http.server.ThreadingHTTPServer`.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -92,7 +93,10 @@ class DashboardServer:
         self.httpd.server_close()
 
     def wait(self) -> None:
-        """Block until Ctrl-C (SIGINT), then close cleanly."""
+        """Block until Ctrl-C (SIGINT), then close cleanly. SIGINT raises KeyboardInterrupt here even when
+        the process started with it ignored (launched from a background shell job, which Python honours)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while self._thread is not None and self._thread.is_alive():
                 time.sleep(0.5)
