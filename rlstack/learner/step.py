@@ -278,7 +278,10 @@ def accumulate_minibatch(
     keep = torch.ones(len(shard), dtype=torch.bool)  # (B,) rows that run forward and backward
     if skip_zero_signal and skip_is_exact(moe, probe=probing, model=model):
         keep = signal_rows(shard, algo_cfg)
-    rows, idle = shard.select(keep), shard.select(~keep)
+    # no copy of the shard when every row runs (the common case without skipping)
+    rows, idle = (
+        (shard, shard.select(slice(0, 0))) if bool(keep.all()) else (shard.select(keep), shard.select(~keep))
+    )
     stats = MetricSums(sums={SKIPPED: float(len(idle))})  # every rank holds every key
     forward = _MicroForward(model, algo_cfg, normalizer, device, ref_model, transform, stats)
     old_logp = torch.zeros(len(shard), shard.seq_len) if from_forward else None  # (B, L) pi_old out
@@ -304,8 +307,7 @@ def accumulate_minibatch(
         sink.begin(is_last=i == len(micro) - 1)
         pad = i * micro_batch_size >= len(rows)
         loss, mb, scores = forward(mb, pad=pad)
-        if old_logp is not None:
-            _store_rows(old_logp, row_ids, i * micro_batch_size, mb.old_logp)
+        _store_rows(old_logp, row_ids, i * micro_batch_size, mb.old_logp)
         if scores.router_stats and balance_coef > 0.0:
             aux = balance_loss(scores.router_stats, moe.balance_groups if moe is not None else None)
             share = float(mb.attention_mask.sum()) / max(real_tokens, 1.0) if not pad else 0.0
