@@ -295,7 +295,7 @@ class AsyncRolloutWorker(AsyncEngineRPC):
         return self.version
 
     async def info(self) -> dict[str, Any]:
-        return worker_info(self.version)
+        return worker_info(self.version, getattr(self.llm, "_rlstack_scratch", None))
 
     async def shutdown(self) -> None:
         """Stop the engine core process (and free its /dev/shm) before Ray kills the actor."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -323,14 +324,15 @@ class RolloutGroup:
 
 def _reap(info: dict[str, Any]) -> None:
     """Kill what a killed worker's process left running on this node (a multiprocessing engine's core and
-    model processes): Ray kills only the actor's own process."""
+    model processes) and remove its engine's scratch dir: Ray kills only the actor's own process."""
     import psutil
 
     if info.get("node") != ray.get_runtime_context().get_node_id():
-        if info.get("children"):
+        if info.get("children") or info.get("scratch"):
             logger.warning(
-                "engine processes %s on node %s may outlive their worker", info["children"], info["node"]
-            )
+                "engine processes %s and scratch dir %s on node %s may outlive their worker",
+                info["children"], info.get("scratch"), info["node"],
+            )  # fmt: skip
         return
     procs = []
     for pid in info.get("children", []):
@@ -340,6 +342,8 @@ def _reap(info: dict[str, Any]) -> None:
                 proc.kill()
                 procs.append(proc)
     psutil.wait_procs(procs, timeout=10)
+    if info.get("scratch"):
+        shutil.rmtree(info["scratch"], ignore_errors=True)
 
 
 def _split(items: list, parts: int) -> list[list]:

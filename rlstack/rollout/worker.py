@@ -105,7 +105,7 @@ class RolloutWorker(EngineRPC):
         return self.version
 
     def info(self) -> dict[str, Any]:
-        return worker_info(self.version)
+        return worker_info(self.version, getattr(self.llm, "_rlstack_scratch", None))
 
     def shutdown(self) -> None:
         """Close the engine inside the actor: a multiprocessing engine otherwise leaks /dev/shm."""
@@ -137,9 +137,10 @@ class RolloutWorker(EngineRPC):
         return turns
 
 
-def worker_info(version: int) -> dict[str, Any]:
-    """Who a rollout worker is: pid, Ray node, host, the engine processes it started (killed with it) and
-    its weights version; `time` is when this was asked (later than any of those processes started)."""
+def worker_info(version: int, scratch: str | None) -> dict[str, Any]:
+    """Who a rollout worker is: pid, Ray node, host, the engine processes it started (killed with it), its
+    engine's scratch dir (removed with it: a killed worker never runs close_llm) and its weights version;
+    `time` is when this was asked (later than any of those processes started)."""
     import socket
 
     import psutil
@@ -150,6 +151,7 @@ def worker_info(version: int) -> dict[str, Any]:
         "node": ray.get_runtime_context().get_node_id(),
         "host": socket.gethostname(),
         "children": [p.pid for p in psutil.Process().children(recursive=True)],
+        "scratch": scratch,
         "version": version,
         "time": time.time(),
     }

@@ -109,6 +109,7 @@ def test_killed_and_hung_rollout_workers_are_replaced_and_the_run_trains_every_s
         group = trainer.rollout
         thread, out = fit_in_thread(trainer)
         killed: list[int] = []
+        scratch_dirs: list[str] = []
         for step, sig in ((2, signal.SIGKILL), (3, signal.SIGSTOP)):
             # the step's generation is in flight once the driver reached it and the worker got the call
             wait_for(
@@ -116,6 +117,7 @@ def test_killed_and_hung_rollout_workers_are_replaced_and_the_run_trains_every_s
             )
             time.sleep(1.0)
             pid = group.info[0]["pid"]
+            scratch_dirs.append(group.info[0]["scratch"])
             os.kill(pid, sig)
             killed.append(pid)
             wait_for(lambda p=pid: group.info[0]["pid"] != p, "the replacement", timeout=120)
@@ -133,7 +135,9 @@ def test_killed_and_hung_rollout_workers_are_replaced_and_the_run_trains_every_s
     assert records[4]["faults/lost_seconds"] > 0
     trained = samples(run_dir)
     assert [sum(1 for r in trained if r["step"] == s) for s in (1, 2, 3, 4)] == [PROMPTS * N] * 4
-    # nothing left behind: the killed and stopped processes are gone, no engine process, no /dev/shm
+    # nothing left behind: the killed and stopped processes are gone, no engine process, no /dev/shm, no
+    # engine scratch dir in /tmp
+    assert all(scratch_dirs) and not any(map(os.path.exists, scratch_dirs)), scratch_dirs
     _, alive = psutil.wait_procs([psutil.Process(p) for p in killed if psutil.pid_exists(p)], timeout=30)
     assert alive == [], f"killed workers still running: {alive}"
     assert shm_bytes() <= shm_before + (1 << 20), "/dev/shm grew"
