@@ -1,7 +1,7 @@
-"""What packing and the zero-signal skip save in one learner step, on long-tailed response lengths.
+"""What packing, the zero-signal skip and a token budget save in one learner step, on long-tailed lengths.
 
     .venv/bin/python benchmarks/learner_step.py [--size tiny] [--rows 64] [--micro 16] [--zero-signal 0.5]
-                                               [--max-tokens 512] [--threads 2] [--repeats 3]
+                                               [--max-tokens 512] [--budget 2048] [--threads 2] [--repeats 3]
 
 One policy mini-batch (forward + backward through `rlstack.learner.step.accumulate_minibatch`, plain PyTorch,
 fp32, the separate-pi_old path) on `--rows` rollouts in groups of 8: prompts of 8-24 tokens, response lengths
@@ -9,8 +9,9 @@ drawn from a log-normal (median `--max-tokens`/8, clipped at `--max-tokens`: mos
 the Step 3.5 report's long tail), and a `--zero-signal` share of the groups scored alike (advantage 0).
 Prints a markdown table: seconds per step (best of `--repeats` after a warm-up), real tokens/s, and the
 speed-up over padding every micro-batch to its longest row with no skip, for each of padded / packed x
-skip off / on. OpenMP threads slow down many-fold when other processes compete for the cores: run it on an
-idle machine (the load average is printed).
+skip off / on, and packed + skip with micro-batches cut by a token budget (`--budget` real tokens,
+`learner.micro_batch_tokens`) instead of `--micro` rows. OpenMP threads slow down many-fold when other
+processes compete for the cores: run it on an idle machine (the load average is printed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import torch
 
 from rlstack.learner.batch import PolicyBatch, collate
+from rlstack.learner.micro import MicroSplit
 from rlstack.learner.step import LocalReducer, TorchSink, accumulate_minibatch
 from rlstack.mispo import AlgorithmConfig, compute_advantages
 from rlstack.model import BUILDERS, Step3p5ForCausalLM
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=16)
     parser.add_argument("--zero-signal", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--budget", type=int, default=2048, help="tokens per micro-batch of the last row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -84,20 +87,24 @@ def main() -> None:
           f"{args.micro}, {args.threads} threads; sequence length median {lengths.median():.0f}, "
           f"max {lengths.max():.0f}; {real} real tokens; {args.zero_signal:.0%} of groups without "
           "signal\n")  # fmt: skip
-    print("| forward | skip | s/step | real tokens/s | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| forward | skip | micro-batches | s/step | real tokens/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    rows, budget = MicroSplit(rows=args.micro), MicroSplit(rows=args.micro, tokens=args.budget)
+    cases = [(False, False, rows), (False, True, rows), (True, False, rows), (True, True, rows)]
     base = None
-    for packed in (False, True):
+    for packed, skip, split in [*cases, (True, True, budget)]:
         logprobs.set_pack_sequences(packed)
-        for skip in (False, True):
-            seconds = _timed(model, batch, args.micro, args.repeats, skip)
-            base = base or seconds
-            print(f"| {'packed' if packed else 'padded'} | {'on' if skip else 'off'} | {seconds:.2f} | "
-                  f"{real / seconds:,.0f} | {base / seconds:.2f}x |")  # fmt: skip
+        seconds = _timed(model, batch, split, args.repeats, skip)
+        base = base or seconds
+        cut = f"{split.tokens} tokens" if split.tokens else f"{split.rows} rows"
+        print(f"| {'packed' if packed else 'padded'} | {'on' if skip else 'off'} | {cut} | {seconds:.2f} | "
+              f"{real / seconds:,.0f} | {base / seconds:.2f}x |")  # fmt: skip
     logprobs.set_pack_sequences(False)
 
 
-def _timed(model: Step3p5ForCausalLM, batch: PolicyBatch, micro: int, repeats: int, skip: bool) -> float:
+def _timed(
+    model: Step3p5ForCausalLM, batch: PolicyBatch, micro: MicroSplit, repeats: int, skip: bool
+) -> float:
     """Best seconds of `repeats` mini-batch forward/backward passes after one warm-up."""
     best = math.inf
     for i in range(repeats + 1):

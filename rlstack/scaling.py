@@ -321,7 +321,8 @@ def learner_memory(plan: Plan, p: Params) -> tuple[dict[str, float], dict[str, f
     if z == 3 and not ln.offload_optimizer:
         fp32_grads = min(fp32_grads, 4 * ZERO3_SUBGROUP)
     optimizer = {"fp32 master + Adam m, v": 12 * t / opt_shard, "fp32 grads": fp32_grads}
-    tokens = ln.micro_batch_size * plan.seq
+    # a token budget bounds a micro-batch's tokens, except a longer sequence, which runs alone
+    tokens = max(ln.micro_batch_tokens, plan.seq) if ln.micro_batch_tokens else ln.micro_batch_size * plan.seq
     layers = [layer_activation_bytes(a, i) for i in range(a.num_layers)]
     per_token = 2 * a.hidden_size * a.num_layers + max(layers) if ln.gradient_checkpointing else sum(layers)
     gpu = {

@@ -11,8 +11,9 @@ Public API
   log-prob (pi_old, pi_theta, pi_ref) is computed under it.
 - `token_logprobs(model, input_ids, attention_mask, return_entropy=False)`, `score_tokens`,
   `logprobs_from_logits`, `entropy_from_logits`, `TokenScores`.
-- `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, micro_batch_size)`: one rank's
-  micro-batched forward/backward with the global normaliser (plain torch; `TorchSink`, `LocalReducer`).
+- `accumulate_minibatch(model, shard, algo_cfg, sink, reducer, split)`: one rank's micro-batched
+  forward/backward with the global normaliser (plain torch; `TorchSink`, `LocalReducer`); `split` is a row
+  count or a `micro.MicroSplit` (rows, or a token budget: `learner.micro_batch_tokens`).
 - `LearnerWorker` (one rank, a Ray actor's class; its jobs live in `engine`, `scoring`, `train`, `export`,
   `checkpoint`, `reference`), `LearnerGroup(model_path, learner_cfg, run_env)`: `compute_logprobs`,
   `compute_values` (critic), `train(batch, algo_cfg, old_logp_from_forward=...) -> TrainResult(metrics,

@@ -5,11 +5,14 @@ Imports pydantic only (no torch, no DeepSpeed), so a run config validates before
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from rlstack.config_base import StrictModel
+
+if TYPE_CHECKING:
+    from rlstack.learner.micro import MicroSplit
 
 DEFAULT_LOGPROB_CHUNK_TOKENS = 2048
 """Default of `learner.logprob_chunk_tokens` (and of rlstack.learner.logprobs before a worker sets it)."""
@@ -138,6 +141,13 @@ class LearnerConfig(StrictModel):
     micro_batch_size: int = Field(8, ge=1)
     """Rows (sequences) per forward/backward pass on one rank; gradients accumulate across micro-batches."""
 
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Cut micro-batches by tokens instead of rows (verl's dynamic batch size): each forward/backward holds
+    as many rows as fit this many real (prompt + response) tokens, binned longest first; a longer row runs
+    alone. Long-tailed lengths then cost what their tokens cost: short responses share a forward, a long one
+    does not drag a whole row-count micro-batch with it. None: `micro_batch_size` rows each. Same update
+    either way (the loss is normalised over the whole mini-batch), to float rounding."""
+
     n_minibatches: int = Field(1, ge=1)
     """Optimizer steps per `train_step`: the step's batch is split into this many mini-batches, each
     normalised on its own (docs/algorithm.md, "One step")."""
@@ -216,6 +226,13 @@ class LearnerConfig(StrictModel):
 
     critic: CriticConfig = CriticConfig()
     """Value model for critic advantages (off by default: group advantages need none)."""
+
+    @property
+    def micro_split(self) -> MicroSplit:
+        """How each rank cuts its rows into micro-batches (`micro_batch_size` / `micro_batch_tokens`)."""
+        from rlstack.learner.micro import MicroSplit  # torch: not needed to load a config
+
+        return MicroSplit(rows=self.micro_batch_size, tokens=self.micro_batch_tokens)
 
     @property
     def critic_lr(self) -> float:

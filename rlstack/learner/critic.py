@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlstack.learner.batch import PolicyBatch
+from rlstack.learner.micro import MicroSplit
 from rlstack.learner.step import GradSink, MetricSums, Reducer, _to, global_normalizer, padded_micro_batches
 from rlstack.mispo import critic_loss
 from rlstack.mispo.config import LossNorm
@@ -89,7 +90,7 @@ def accumulate_critic_minibatch(
     loss_norm: LossNorm,
     sink: GradSink,
     reducer: Reducer,
-    micro_batch_size: int,
+    split: MicroSplit | int,
     device: torch.device | None = None,
 ) -> MetricSums:
     """Forward/backward the critic's MSE on this rank's rows of one mini-batch into `sink`; returns this
@@ -97,11 +98,11 @@ def accumulate_critic_minibatch(
     `accumulate_minibatch`: global normaliser, every rank backpropagates W * loss, inert padding."""
     check_critic_inputs(shard, enabled=True)
     normalizer = global_normalizer(shard, loss_norm, reducer)
-    micro = padded_micro_batches(shard, micro_batch_size, reducer)
+    micro = padded_micro_batches(shard, split, reducer)
     stats = MetricSums()
-    for i, mb in enumerate(micro):
+    for i, m in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
-        mb = _to(mb.trim(), device or torch.device("cpu"))
+        mb = _to(m.batch.trim(), device or torch.device("cpu"))
         assert mb.returns is not None
         values = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)  # (b, T)
         loss, metrics = critic_loss(values, mb.returns, mb.loss_mask, normalizer, loss_norm)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from rlstack.learner.batch import PolicyBatch
+from rlstack.learner.micro import MicroSplit
 from rlstack.learner.step import Reducer, padded_micro_batches
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, attn) (b, l) -> scores (b, l)
@@ -18,7 +19,7 @@ def score_rows(
     engine: Any,
     batch: PolicyBatch,
     score: Score,
-    micro_batch_size: int,
+    split: MicroSplit | int,
     reducer: Reducer,
     device: torch.device,
     state_after_last: bool = False,
@@ -28,11 +29,10 @@ def score_rows(
     one padding column is appended first, so position n_b (scored from the hidden state of the last real
     token) is kept too: (B, L + 1). Collective under ZeRO-3."""
     engine.eval()
-    n_real = len(batch.chunks(micro_batch_size))
     width = batch.seq_len + int(state_after_last)
-    out = []
-    for i, mb in enumerate(padded_micro_batches(batch, micro_batch_size, reducer)):
-        mb = mb.trim()
+    out = torch.zeros(len(batch), width)  # (B, L') in the batch's row order
+    for m in padded_micro_batches(batch, split, reducer):
+        mb = m.batch.trim()
         ids, attn = mb.input_ids, mb.attention_mask  # (b, l)
         if state_after_last:
             ids = torch.nn.functional.pad(ids, (0, 1), value=int(ids[0, 0]))  # (b, l + 1)
@@ -41,7 +41,6 @@ def score_rows(
         else:
             keep = attn.bool()  # (b, l)
         scores = score(ids.to(device), attn.to(device))  # (b, l')
-        if i < n_real:
-            scores = torch.where(keep, scores.cpu(), 0.0).float()  # (b, l')
-            out.append(torch.nn.functional.pad(scores, (0, width - scores.shape[1])))
-    return torch.cat(out)
+        if not m.pad:
+            out[m.rows, : scores.shape[1]] = torch.where(keep, scores.cpu(), 0.0).float()  # (b, l')
+    return out

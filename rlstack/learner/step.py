@@ -30,6 +30,7 @@ import torch.distributed as dist
 from rlstack.learner.batch import PolicyBatch
 from rlstack.learner.config import MoEConfig
 from rlstack.learner.logprobs import SamplingTransform, TokenScores, score_tokens
+from rlstack.learner.micro import Micro, MicroSplit, as_split, cut
 from rlstack.learner.moe import balance_loss, logp_gap, routing_arrays, routing_mismatch
 from rlstack.learner.signal import signal_rows, skip_is_exact, trainable_tokens
 from rlstack.mispo import AlgorithmConfig, apply_filters, compute_policy_loss
@@ -192,20 +193,21 @@ def global_normalizer(shard: PolicyBatch, loss_norm: str, reducer: Reducer) -> f
 
 def padded_micro_batches(
     shard: PolicyBatch,
-    micro_batch_size: int,
+    split: MicroSplit | int,
     reducer: Reducer,
     pad_from: PolicyBatch | None = None,
     at_least: int = 1,
-) -> list[PolicyBatch]:
-    """The shard in micro-batches, padded with inert copies (loss mask 0) to the largest count of any rank,
-    and to at least `at_least` (the engine steps after a backward). The copies are of `pad_from`'s first row
-    (default `shard`), so `shard` may be empty when `pad_from` is not (every row skipped)."""
+) -> list[Micro]:
+    """The shard in micro-batches (`split`: rows per micro-batch, or a token budget), padded with inert
+    copies (loss mask 0, no rows) to the largest count of any rank, and to at least `at_least` (the engine
+    steps after a backward). The copies are of `pad_from`'s first row (default `shard`), so `shard` may be
+    empty when `pad_from` is not (every row skipped)."""
     source = shard if pad_from is None else pad_from
     if len(source) == 0:
         raise ValueError("a learner rank got no rows; give every rank at least one row per mini-batch")
-    micro = shard.chunks(micro_batch_size)
+    micro = cut(shard, as_split(split))
     n = max(int(reducer.max_(torch.tensor([len(micro)], dtype=torch.float64)).item()), at_least)
-    inert = source.select(slice(0, 1)).inert_copy()
+    inert = Micro(source.select(slice(0, 1)).inert_copy(), torch.zeros(0, dtype=torch.long))
     return micro + [inert] * (n - len(micro))
 
 
@@ -229,7 +231,7 @@ def accumulate_minibatch(
     algo_cfg: AlgorithmConfig,
     sink: GradSink,
     reducer: Reducer,
-    micro_batch_size: int,
+    split: MicroSplit | int,
     device: torch.device | None = None,
     old_from_forward: bool = False,
     old_logp_out: list[torch.Tensor] | None = None,
@@ -288,26 +290,25 @@ def accumulate_minibatch(
     if from_forward:
         # pi_old of the idle rows is an output (the filter, the samples, the log-ratio record): a forward
         # without gradient. ZeRO-3 gathers parameters in every forward: ranks pad to one count here too.
-        idle_micro = padded_micro_batches(idle, micro_batch_size, reducer, pad_from=shard, at_least=0)
-        idle_ids = (~keep).nonzero().flatten()  # (b,)
+        idle_ids = (~keep).nonzero().flatten()  # (b,) the shard's rows of `idle`
         with torch.no_grad():
-            for i, mb in enumerate(idle_micro):
-                _, mb, _ = forward(mb, pad=i * micro_batch_size >= len(idle))
-                _store_rows(old_logp, idle_ids, i * micro_batch_size, mb.old_logp)
+            for m in padded_micro_batches(idle, split, reducer, pad_from=shard, at_least=0):
+                _, mb, _ = forward(m.batch, pad=m.pad)
+                _store_rows(old_logp, idle_ids, m, mb.old_logp)
     else:
         _collect_skipped(stats, idle, algo_cfg)
-    micro = padded_micro_batches(rows, micro_batch_size, reducer, pad_from=shard)
-    row_ids = keep.nonzero().flatten()  # (b,)
+    micro = padded_micro_batches(rows, split, reducer, pad_from=shard)
+    row_ids = keep.nonzero().flatten()  # (b,) the shard's rows of `rows`
     balance_coef = moe.balance_coef if moe is not None else 0.0
     real_tokens = 0.0  # the balancing loss's token weights: all ranks' real tokens, reduced only when used
     if balance_coef > 0.0:
         local = torch.tensor([float(shard.attention_mask.sum())], dtype=torch.float64)
         real_tokens = float(reducer.sum_(local))
-    for i, mb in enumerate(micro):
+    for i, m in enumerate(micro):
         sink.begin(is_last=i == len(micro) - 1)
-        pad = i * micro_batch_size >= len(rows)
-        loss, mb, scores = forward(mb, pad=pad)
-        _store_rows(old_logp, row_ids, i * micro_batch_size, mb.old_logp)
+        pad = m.pad
+        loss, mb, scores = forward(m.batch, pad=pad)
+        _store_rows(old_logp, row_ids, m, mb.old_logp)
         if scores.router_stats and balance_coef > 0.0:
             aux = balance_loss(scores.router_stats, moe.balance_groups if moe is not None else None)
             share = float(mb.attention_mask.sum()) / max(real_tokens, 1.0) if not pad else 0.0
@@ -380,13 +381,14 @@ class _MicroForward:
         return loss, mb, scores
 
 
-def _store_rows(out: torch.Tensor | None, ids: torch.Tensor, start: int, values: torch.Tensor | None) -> None:
-    """Write a micro-batch's (b, l) `values` into rows `ids[start:start + b]` of `out` (B, L); a pad
-    (start past the real rows) writes nothing."""
-    if out is None or values is None or start >= len(ids):
+def _store_rows(
+    out: torch.Tensor | None, ids: torch.Tensor, micro: Micro, values: torch.Tensor | None
+) -> None:
+    """Write a micro-batch's (b, l) `values` into `out` (B, L) at the shard rows `ids[micro.rows]` (`micro`
+    was cut from the selection `ids` of the shard); a pad writes nothing."""
+    if out is None or values is None or micro.pad:
         return
-    values = values.float().cpu()  # (b, l)
-    out[ids[start : start + values.shape[0]], : values.shape[1]] = values
+    out[ids[micro.rows], : values.shape[1]] = values.float().cpu()
 
 
 def _routing_facts(scores: TokenScores, mb: PolicyBatch) -> MetricSums:

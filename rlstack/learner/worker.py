@@ -224,8 +224,8 @@ class LearnerWorker:
     def _score_rows(
         self, engine: Any, batch: PolicyBatch, score: Score, state_after_last: bool = False
     ) -> torch.Tensor:
-        mbs = self.cfg.micro_batch_size
-        return score_rows(engine, batch, score, mbs, self._reducer, self.device, state_after_last)
+        split = self.cfg.micro_split
+        return score_rows(engine, batch, score, split, self._reducer, self.device, state_after_last)
 
     # ---- training (rlstack.learner.train) --------------------------------------------------------
 
@@ -310,7 +310,7 @@ class LearnerWorker:
                 algo_cfg,
                 self._sink,
                 self._reducer,
-                self.cfg.micro_batch_size,
+                self.cfg.micro_split,
                 self.device,
                 old_from_forward,
                 old_logp_out,
@@ -370,14 +370,16 @@ class LearnerWorker:
                 raise ValueError("learner.routing_replay = 'old' needs a MoE policy with routing statistics")
             return torch.where(attn.bool()[..., None, None], scores.expert_ids, -1).to(torch.int16)
 
-        n_real = len(shard.chunks(self.cfg.micro_batch_size))
-        parts = []
+        out: torch.Tensor | None = None  # (B, L, layers, k) in the shard's row order
         # every rank runs as many forwards as the busiest one (ZeRO-3 gathers inside each forward)
-        for i, mb in enumerate(padded_micro_batches(shard, self.cfg.micro_batch_size, self._reducer)):
-            routes = ids(mb.input_ids.to(self.device), mb.attention_mask.to(self.device)).cpu()
-            if i < n_real:
-                parts.append(routes)
-        return torch.cat(parts)
+        for m in padded_micro_batches(shard, self.cfg.micro_split, self._reducer):
+            routes = ids(m.batch.input_ids.to(self.device), m.batch.attention_mask.to(self.device)).cpu()
+            if not m.pad:
+                if out is None:
+                    out = torch.full((len(shard), *routes.shape[1:]), -1, dtype=routes.dtype)
+                out[m.rows] = routes
+        assert out is not None, "a learner rank got no rows"
+        return out
 
     def _has_signal(self, stats: MetricSums) -> bool:
         """Whether any rank's mini-batch, after its forward, has a token that can move the weights: in the
@@ -397,7 +399,7 @@ class LearnerWorker:
         sink = EngineSink(self.critic)
 
         def accumulate(shard: PolicyBatch) -> MetricSums:
-            mbs, norm = self.cfg.micro_batch_size, algo_cfg.loss_norm
+            mbs, norm = self.cfg.micro_split, algo_cfg.loss_norm
             return accumulate_critic_minibatch(
                 self.critic, shard, norm, sink, self._reducer, mbs, self.device
             )

@@ -118,8 +118,17 @@ def test_zero_stage_on_two_ranks_matches_stage0_on_one(
 ) -> None:
     # micro-batch 3: 15 rows -> mini-batches of 8 and 7 -> shards 4/4 and 4/3 -> uneven micro-batch counts.
     # The rows without signal skip forward and backward on both ranks (skip_zero_signal, the default; the
-    # reference ran every row), and the update is unchanged.
-    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=3, n_minibatches=2, adam_eps=EPS)
+    # reference ran every row), and the update is unchanged. ZeRO-3 cuts micro-batches by a token budget
+    # instead (learner.micro_batch_tokens): other counts per rank, rows regrouped, the same update.
+    tokens = 40 if stage == 3 else None
+    cfg = LearnerConfig(
+        num_ranks=2,
+        zero_stage=stage,
+        micro_batch_size=3,
+        micro_batch_tokens=tokens,
+        n_minibatches=2,
+        adam_eps=EPS,
+    )
     batch = reference["batch"]
     with LearnerGroup(tiny_checkpoint, cfg) as group:
         old_logp = group.compute_logprobs(batch)
