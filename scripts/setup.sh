@@ -18,24 +18,16 @@ constraints=constraints/cpu.txt
 cons=()
 if [ "$extra" = cpu ]; then cons=(-c "$constraints"); fi
 stamp=.venv/.rlstack-installed
-want="$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)-$extra"
+want="$(cat pyproject.toml scripts/setup.sh scripts/uv_sources.sh "$constraints" | sha256sum | cut -c1-16)-$extra"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   start=$(date +%s)
   # uv installs (pinned in the constraints; pip would take 150-400 s, most of it downloading one package
-  # at a time and byte-compiling torch and vLLM on one core). uv reads no pip configuration: it is given
-  # pip's find-links (where torch's CPU build may lie) and extra indexes, and considers every index as pip
-  # does. Bytecode is compiled now, on every core: PYTHONDONTWRITEBYTECODE may be set, and then each Ray
+  # at a time and byte-compiling torch and vLLM on one core), from pip's sources (scripts/uv_sources.sh).
+  # Bytecode is compiled now, on every core: PYTHONDONTWRITEBYTECODE may be set, and then each Ray
   # worker would compile torch's and vLLM's sources again on import.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "${cons[@]}" uv 2>&1 | quiet
-  sources=()
-  for l in ${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}; do
-    sources+=(--find-links "$l")
-  done
-  for i in ${PIP_EXTRA_INDEX_URL:-$(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true)}; do
-    sources+=(--extra-index-url "$i")
-  done
-  uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode
-      --index-strategy unsafe-best-match "${sources[@]}")
+  source scripts/uv_sources.sh
+  uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode "${uv_sources[@]}")
   export UV_NO_PROGRESS=1
   # torch first, pinned, so no later resolver step can pull a multi-GB CUDA build onto a CPU machine.
   if [ "$extra" = cpu ]; then

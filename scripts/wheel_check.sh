@@ -26,16 +26,13 @@ wheel=$(echo "$tmp"/dist/rlstack-*.whl)
 
 # A fresh environment on the Python .venv was made with. uv installs into it in 5-30 s (pip: 60-140 s,
 # most of it byte-compiling torch), hard-linking from its cache (~/.cache/uv, 1.6 GB: a cache inside $tmp
-# would double the files that the clean-up deletes: 30 s more). uv reads no pip configuration: it gets
-# pip's find-links, where setup.sh's pip finds torch's CPU build (the constraint torch==2.13.0+cpu
-# matches nothing else, so a CUDA build can never come in).
+# would double the files that the clean-up deletes: 30 s more), from the sources setup.sh installed from
+# (scripts/uv_sources.sh; the constraint torch==2.13.0+cpu matches only the CPU build, so a CUDA build can
+# never come in).
 "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" -m venv --without-pip "$tmp/venv"
-links=()
-for l in ${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}; do
-  links+=(--find-links "$l")
-done
+source scripts/uv_sources.sh
 export UV_NO_PROGRESS=1
-.venv/bin/uv pip install --quiet --python "$tmp/venv/bin/python" -c constraints/cpu.txt "${links[@]}" "$wheel"
+.venv/bin/uv pip install --quiet --python "$tmp/venv/bin/python" -c constraints/cpu.txt "${uv_sources[@]}" "$wheel"
 .venv/bin/uv pip check --quiet --python "$tmp/venv/bin/python"
 
 cd "$tmp"  # away from the repo, so that `import rlstack` cannot find the source tree
