@@ -68,6 +68,12 @@ class RolloutConfig(StrictModel):
     """Explicit KV-cache size per engine, in MiB (never a fraction of the machine's memory)."""
     max_num_seqs: int = Field(256, ge=1)
     """Sequences the engine batches at once."""
+    logits_processors: list[str] = Field(default_factory=list)
+    """vLLM V1 logits processors loaded into every engine, as 'module:Class' (vLLM's `LogitsProcessor`
+    interface), e.g. for constrained decoding or a thinking budget. They change the distribution tokens are
+    sampled from; the recorded log-probs include the change and the learner does not reproduce it, so
+    MIS-PO's filters drop the tokens they change much. benchmarks/forced_lengths.py fixes response lengths
+    with one."""
     engine: Literal["sync", "async"] = "sync"
     """'sync': `vllm.LLM`, one generate call at a time per actor. 'async': vLLM's AsyncLLM in an async actor,
     so batches submitted while others run are generated concurrently (its engine core always runs in a
@@ -101,6 +107,9 @@ class RolloutConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_partial(self) -> RolloutConfig:
+        bad = [name for name in self.logits_processors if name.count(":") != 1 or ":" in (name[0], name[-1])]
+        if bad:
+            raise ValueError(f"rollout.logits_processors: {bad} is not of the form 'module:Class'")
         if self.partial_rollouts and self.engine != "async":
             raise ValueError("rollout.partial_rollouts needs rollout.engine 'async' (vLLM's AsyncLLM)")
         return self

@@ -51,6 +51,8 @@ class EngineSettings:
     num_threads: int | None = None
     """CPU threads of the engine with `threads_bind: nobind` (torch and OpenMP, set before it starts);
     None keeps the process's setting (in a Ray actor: its `num_cpus`, since Ray sets OMP_NUM_THREADS)."""
+    logits_processors: tuple[str, ...] = ()
+    """vLLM V1 logits processors ('module:Class') loaded into the engine (rollout.logits_processors)."""
 
 
 def check_engine_support(model_path: str | Path) -> None:
@@ -118,6 +120,7 @@ def engine_kwargs(model_path: str | Path, settings: EngineSettings) -> dict[str,
         "enable_chunked_prefill": False,
         "enforce_eager": settings.enforce_eager,
         "worker_extension_cls": "rlstack.rollout.sync.worker_extension.WorkerExtension",
+        "logits_processors": list(settings.logits_processors) or None,
     }
 
 

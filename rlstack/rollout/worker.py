@@ -38,6 +38,7 @@ def engine_settings(config: RolloutConfig) -> EngineSettings:
         enforce_eager=config.enforce_eager,
         threads_bind=config.threads_bind,
         num_threads=config.num_threads,
+        logits_processors=tuple(config.logits_processors),
     )
 
 
