@@ -580,7 +580,7 @@ class Trainer:
     ) -> dict[str, float]:
         """perf/mfu, perf/learner_tflops, perf/rollout_tokens_per_s (rlstack.perf); none for a policy
         whose architecture rlstack.perf cannot count (said once, at start)."""
-        from rlstack.perf import step_perf
+        from rlstack.perf import generation_seconds, step_perf
 
         if self.flops_per_token is None:
             return {}
@@ -590,7 +590,7 @@ class Trainer:
             seconds["train"],
             self.learner.peak_flops,
             sum(sum(r.response_mask or []) for r in rollouts),
-            seconds["generate"],
+            generation_seconds(rollouts),
             old_logprobs_seconds=None if fused else seconds.get("old_logprobs"),
             reference=self.cfg.algorithm.kl_coef > 0.0,
         )

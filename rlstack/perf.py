@@ -22,9 +22,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from rlstack.types import Rollout
 
 TRAIN_MULTIPLIER = 3.0
 """Training FLOPs per forward FLOP: forward (1) + backward (2: input and weight gradients)."""
@@ -229,6 +232,22 @@ def learner_flops(
     return forwards * flops.sequences_forward(row_lengths)
 
 
+def generation_seconds(rollouts: Sequence[Rollout]) -> float:
+    """Seconds the rollout workers spent generating these rollouts: the length of the union of their calls'
+    wall-clock spans (`Rollout.generated_between`), so workers running at once count once, and in async
+    mode the driver's wait for a batch that was ready long ago does not stand in for it. NaN when a
+    rollout carries no span."""
+    spans = [r.generated_between for r in rollouts]
+    if not spans or any(s is None for s in spans):
+        return float("nan")
+    total, end = 0.0, -math.inf
+    for lo, hi in sorted(s for s in spans if s is not None):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
 def step_perf(
     flops: FlopsPerToken,
     row_lengths: Sequence[int],
@@ -255,6 +274,6 @@ def step_perf(
         "perf/mfu": mfu(total, seconds, peak_flops),
         "perf/learner_tflops": total / seconds / 1e12 if seconds > 0.0 else float("nan"),
         "perf/rollout_tokens_per_s": generated_tokens / generate_seconds
-        if generate_seconds > 0
+        if generate_seconds > 0  # False for NaN too
         else float("nan"),
     }

@@ -85,6 +85,9 @@ class Rollout:
     """Why `reward` is None, when it is (e.g. a plugin's error or time-out), for `samples/`."""
     episode: EpisodeInfo | None = None
     """Multi-turn episodes only: turns, tool calls and the environment (see `EpisodeInfo`)."""
+    generated_between: tuple[float, float] | None = None
+    """Wall-clock start and end (`time.time()`, the worker's clock) of the worker call that generated it;
+    `perf/rollout_tokens_per_s` divides a step's tokens by the union of its calls' spans."""
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,3 +46,31 @@ def fresh_python() -> Callable[[str], subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+# What rlstack and vLLM put in the temp dir and must remove (engine scratch dirs, vLLM's torch.distributed
+# file stores, sandbox work dirs, images, Chromium profiles): anything of these made during the session and
+# still there at its end fails the session, naming it.
+TEMP_LEFTOVERS = ("rlstack-*", "vllm_dist_*")
+_TEMP_BEFORE = pytest.StashKey[set[Path]]()
+
+
+def _temp_entries() -> set[Path]:
+    tmp = Path(tempfile.gettempdir())
+    return {path for pattern in TEMP_LEFTOVERS for path in tmp.glob(pattern)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_TEMP_BEFORE] = _temp_entries()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = sorted(_temp_entries() - session.config.stash.get(_TEMP_BEFORE, set()))
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the tests left these in the temp dir: " + ", ".join(map(str, left))
+        if reporter is not None:
+            reporter.write_line(f"FAILED {message}", red=True)
+        else:
+            print(message, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

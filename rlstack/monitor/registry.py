@@ -650,7 +650,8 @@ METRICS: tuple[Metric, ...] = (
             (
                 "perf/rollout_tokens_per_s",
                 "tokens/s",
-                "Policy-generated tokens of the step per second of generation.",
+                "Policy-generated tokens of the step per second the rollout workers spent generating them "
+                "(the union of their calls' wall-clock spans; in async mode not the driver's wait).",
             ),
         ],
     ),

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ from rlstack.rollout.worker import (
     fed_tokens,
     finish_reason,
     sampling_params,
+    stamp_call,
     to_rollouts,
     to_turn,
     token_prompt,
@@ -120,6 +122,7 @@ class AsyncRolloutWorker(AsyncEngineRPC):
             await self._state.wait_for(lambda: not self._updating)
             self._running += 1
             version = self.version
+        started = time.time()
         try:
             if self.record_routing is None:
                 layers = (
@@ -133,14 +136,15 @@ class AsyncRolloutWorker(AsyncEngineRPC):
                 episodes = self.episodes.start(prompts, sampling.n, render)
                 runs = [self._episode(e, i, sampling, call) for i, e in enumerate(episodes)]
                 await asyncio.gather(*runs)
-                return [e.to_rollout() for e in episodes]
+                return stamp_call([e.to_rollout() for e in episodes], started)
             if self.config.partial_rollouts:
                 spanning = [
                     self._spanning(prompt_ids(p, self.tokenizer), sampling, i, call)
                     for i, p in enumerate(prompts)
                 ]
                 spans = await asyncio.gather(*spanning)
-                return [r for p, out in zip(prompts, spans, strict=True) for r in self._span_rollouts(p, out)]
+                rollouts = [r for p, o in zip(prompts, spans, strict=True) for r in self._span_rollouts(p, o)]
+                return stamp_call(rollouts, started)
             inputs = [token_prompt(prompt_ids(p, self.tokenizer)) for p in prompts]
             requests = []
             for i, prompt in enumerate(inputs):
@@ -157,7 +161,7 @@ class AsyncRolloutWorker(AsyncEngineRPC):
             async with self._state:
                 self._running -= 1
                 self._state.notify_all()
-        return rollouts
+        return stamp_call(rollouts, started)
 
     async def _request(self, ids: list[int], params: Any, request_id: str) -> tuple[Any, int]:
         """Partial rollouts: one request, added only while no weight update is under way; its final output

@@ -124,17 +124,48 @@ def engine_kwargs(model_path: str | Path, settings: EngineSettings) -> dict[str,
     }
 
 
+SCRATCH_PREFIX = "rlstack-vllm-"
+OWNER_FILE = ".owner"  # in a scratch dir: "<pid> <process create time>" of the process that made it
+
+
+def sweep_orphaned_scratch(parent: str | Path | None = None) -> list[Path]:
+    """Remove the scratch dirs whose owning process is gone (a run killed with SIGKILL never reaches
+    close_llm); returns them. Dirs without an owner file (being created) are left alone."""
+    import psutil
+
+    removed = []
+    for scratch in Path(parent or tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        try:
+            pid, created = (scratch / OWNER_FILE).read_text().split()
+            alive = psutil.Process(int(pid)).create_time() == float(created)
+        except psutil.NoSuchProcess:
+            alive = False
+        except (OSError, ValueError, psutil.Error):
+            continue
+        if not alive:
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
+
+
 @contextmanager
 def _engine_env(settings: EngineSettings) -> Iterator[str]:
     """vLLM's environment while an engine starts; yields the engine's private scratch dir.
 
-    vLLM leaves its ZMQ IPC sockets (and inductor scratch) in the temp dir; each engine gets a private
-    one that close_llm removes, so repeated engines do not litter /tmp. Spawned engine processes inherit
-    TMPDIR; this process gets its own back once the engine is up.
+    vLLM leaves its ZMQ IPC sockets, its torch.distributed file store (`vllm_dist_*`) and inductor scratch
+    in the temp dir; each engine gets a private one that close_llm removes, so repeated engines do not
+    litter /tmp, and one whose owner was killed is removed by the next engine start on the node. Spawned
+    engine processes inherit TMPDIR, forked ones and this process's own `tempfile` calls use
+    `tempfile.tempdir` (cached at first use); this process gets both back once the engine is up.
     """
-    scratch = tempfile.mkdtemp(prefix="rlstack-vllm-")
-    previous_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = os.environ["VLLM_RPC_BASE_PATH"] = scratch
+    import psutil
+
+    sweep_orphaned_scratch()
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    me = psutil.Process()
+    Path(scratch, OWNER_FILE).write_text(f"{me.pid} {me.create_time()}")
+    previous_tmpdir, previous_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = os.environ["VLLM_RPC_BASE_PATH"] = tempfile.tempdir = scratch
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if settings.multiprocessing else "0"
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.threads_bind
@@ -154,6 +185,7 @@ def _engine_env(settings: EngineSettings) -> Iterator[str]:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     finally:
+        tempfile.tempdir = previous_tempdir
         if previous_tmpdir is None:
             os.environ.pop("TMPDIR", None)
         else:

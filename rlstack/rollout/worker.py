@@ -69,7 +69,10 @@ class RolloutWorker(EngineRPC):
     ) -> list[Rollout]:
         """`sampling.n` rollouts per prompt, grouped by prompt in input order: multi-turn episodes when the
         run has an `env:` (and `tools`), else one response each."""
-        sampling = sampling or self.config.sampling
+        started = time.time()
+        return stamp_call(self._generate(prompts, sampling or self.config.sampling, tools), started)
+
+    def _generate(self, prompts: list[Prompt], sampling: SamplingConfig, tools: bool) -> list[Rollout]:
         if self.episodes is not None and tools:
             episodes = self.episodes.start(prompts, sampling.n, self._render)
             return self.episodes.run(
@@ -196,6 +199,14 @@ def to_turn(out: Any, version: int) -> Turn:
     ids = list(completion.token_ids)
     logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs or [], strict=True)]
     return Turn(ids, logprobs, finish_reason(completion.finish_reason), version)
+
+
+def stamp_call(rollouts: list[Rollout], started: float) -> list[Rollout]:
+    """Record on each rollout the wall-clock span of the call that generated it (`generated_between`)."""
+    span = (started, time.time())
+    for rollout in rollouts:
+        rollout.generated_between = span
+    return rollouts
 
 
 def token_prompt(ids: list[int]) -> Any:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -156,6 +157,7 @@ def test_an_async_engine_worker_killed_mid_generation_leaves_no_engine_process(t
     config = RolloutConfig(engine="async", sampling=sampling, max_model_len=512)
     with RolloutGroup(tiny_checkpoint, config) as group:
         engine_processes = group.info[0]["children"]
+        scratch = group.info[0]["scratch"]
         assert engine_processes, "AsyncLLM should run its engine core in a child process"
         pending = group.submit([Prompt(f"p{i}", text="<|user|>1+1<|assistant|>") for i in range(4)], step=7)
         time.sleep(1.0)
@@ -166,6 +168,7 @@ def test_an_async_engine_worker_killed_mid_generation_leaves_no_engine_process(t
         assert "died during `generate` at step 7" in group.failures[0]
     left = [p for p in engine_processes if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert left == [], f"engine processes of the killed worker still running: {left}"
+    assert scratch and not os.path.exists(scratch), scratch
     assert shm_bytes() <= shm_before + (1 << 20), "/dev/shm grew"
 
 
@@ -260,7 +263,14 @@ def resume_to_the_end(config_path: Path, run_dir: Path, steps: int) -> None:
 
 
 @pytest.mark.slow
+def engine_scratch_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("rlstack-vllm-*"))
+
+
 def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_checkpoint(tmp_path: Path) -> None:
+    """... and the killed run's vLLM scratch dir (which its close_llm never removed) is swept by the next
+    engine start."""
+    scratch_before = engine_scratch_dirs()
     run_dir = tmp_path / "run"
     path = write(config(run_dir, trainer={"steps": 6, "checkpoint_every": 2}), tmp_path / "run.yaml")
     flag = tmp_path / "in_save"
@@ -288,8 +298,11 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_checkpoint(t
     assert (checkpoints / "latest").read_text() == "step_2"
     assert not (checkpoints / "step_4").exists()
     assert any(p.name.startswith(".staging-step_4") for p in checkpoints.iterdir())  # the half-written save
+    killed_scratch = engine_scratch_dirs() - scratch_before
+    assert killed_scratch, "the killed run's engine made no scratch dir in the temp dir"
 
     resume_to_the_end(path, run_dir, steps=6)
+    assert not killed_scratch & engine_scratch_dirs(), "the killed run's engine scratch dir outlived it"
     assert not any(p.name.startswith(".") for p in checkpoints.iterdir())  # the leftover was cleaned up
     assert (checkpoints / "latest").read_text() == "step_6"
 

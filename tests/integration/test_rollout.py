@@ -18,7 +18,7 @@ from rlstack.rollout.engine import EngineSettings, close_llm, make_llm
 from rlstack.rollout.group import RolloutGroup
 from rlstack.rollout.sync.broadcast import BroadcastBackend
 from rlstack.rollout.sync.object_store import ObjectStoreBackend
-from rlstack.rollout.worker import Prompt
+from rlstack.rollout.worker import Prompt, engine_settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -215,3 +215,19 @@ def test_large_seeded_batch_is_reproducible(group: RolloutGroup) -> None:
     first = group.generate(prompts, sampling)
     assert len(first) == 1024
     assert [r.response_ids for r in group.generate(prompts, sampling)] == [r.response_ids for r in first]
+
+
+def test_rollout_logits_processors_reach_the_engine(tiny_checkpoint: Path) -> None:
+    """`rollout.logits_processors` load into the engine and shape what it samples (and records)."""
+    config = RolloutConfig(logits_processors=["logits_procs:OnlyEos"], sampling=SamplingConfig(n=2))
+    llm = make_llm(tiny_checkpoint, engine_settings(config))
+    try:
+        outputs = llm.generate([p.text for p in PROMPTS[:2]], _greedy_params(), use_tqdm=False)
+    finally:
+        close_llm(llm)
+    assert [list(c.token_ids) for o in outputs for c in o.outputs] == [[2], [2]]
+
+
+def test_a_malformed_logits_processor_name_is_refused_at_config_time() -> None:
+    with pytest.raises(ValueError, match="not of the form 'module:Class'"):
+        RolloutConfig(logits_processors=["logits_procs.OnlyEos"])

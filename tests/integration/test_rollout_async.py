@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load
 
 from rlstack.model import Step3p5ForCausalLM, init_checkpoint, tiny
+from rlstack.perf import generation_seconds
 from rlstack.rollout.config import RolloutConfig, SamplingConfig
 from rlstack.rollout.group import RolloutGroup
 from rlstack.rollout.worker import Prompt
@@ -103,7 +104,19 @@ def test_a_later_batch_does_not_wait_for_an_earlier_one(engines: Engines) -> Non
         quick = group.submit(short, one_token)
         ray.wait(quick.refs, num_returns=len(quick.refs))
         assert long.ready() is not overtakes  # sync: the short batch queued behind the long one
-        assert len(group.collect(long)) == 256 and len(group.collect(quick)) == 1
+        long_rollouts, quick_rollouts = group.collect(long), group.collect(quick)
+        assert len(long_rollouts) == 256 and len(quick_rollouts) == 1
+        # Each call stamps its rollouts with its span on the worker's clock (perf/rollout_tokens_per_s):
+        # the async engine ran the quick call inside the long one's, the sync engine after it.
+        (long_start, long_end), (quick_start, quick_end) = (
+            {r.generated_between for r in rollouts}.pop() for rollouts in (long_rollouts, quick_rollouts)
+        )
+        assert long_start < long_end and quick_start < quick_end
+        if overtakes:
+            assert long_start <= quick_start and quick_end < long_end
+            assert generation_seconds(long_rollouts + quick_rollouts) == pytest.approx(long_end - long_start)
+        else:
+            assert quick_start >= long_end
 
 
 def test_update_waits_for_running_batches_and_matches_the_sync_engine(

@@ -21,12 +21,14 @@ from rlstack.model import BUILDERS
 from rlstack.perf import (
     FlopsPerToken,
     attended_keys,
+    generation_seconds,
     learner_flops,
     measure_peak_flops,
     mfu,
     model_flops_per_token,
     step_perf,
 )
+from rlstack.types import Rollout
 
 B, T = 2, 16
 
@@ -144,6 +146,19 @@ def test_mfu_arithmetic() -> None:
         "perf/learner_tflops": pytest.approx(total / 3.0 / 1e12),
         "perf/rollout_tokens_per_s": 100.0,
     }
+
+
+def test_generation_seconds_is_the_union_of_the_calls_spans() -> None:
+    """Two workers' calls overlapping count once; a gap between calls (the driver waiting, or dynamic
+    sampling scoring a round) does not count; a rollout without a span makes the figure NaN, not a guess."""
+
+    def rollout(span: tuple[float, float] | None) -> Rollout:
+        return Rollout("p", [1], [2], [-0.1], "stop", 0, generated_between=span)
+
+    calls = [(100.0, 103.0), (101.0, 104.0), (110.0, 112.0), (100.5, 102.0)]
+    assert generation_seconds([rollout(s) for s in calls for _ in range(3)]) == pytest.approx(4.0 + 2.0)
+    assert math.isnan(generation_seconds([rollout((0.0, 1.0)), rollout(None)]))
+    assert math.isnan(generation_seconds([]))
 
 
 def test_measure_peak_flops_is_quick_and_restores_threads() -> None:
