@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import logging
 import os
-import selectors
 import signal
 import socket
-import tarfile
 import threading
 import time
 import uuid
@@ -52,9 +49,10 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from rlstack.envs.docker_exec import READY, close_exec, exchange, tar_files
 from rlstack.envs.image import ENV_PATH, default_image, docker_client, image_present
 from rlstack.envs.sandbox import (
     Files,
@@ -80,7 +78,6 @@ IDLE_USER = "65533:65533"  # PID 1's child; another uid, so the run cannot signa
 WORKDIR = "/work"
 _EXTRA_PIDS = 3  # docker-init, the idle `sleep` and the wrapper shell, besides the run's own processes
 _ENV = {"PATH": ENV_PATH, "HOME": WORKDIR, "LANG": "C.UTF-8"}
-_READY = b"[rlstack docker sandbox: ready]\n"  # not "rlstack-sandbox-": process.sandbox_processes
 _SETUP_FAILED = 125
 # $1: tar bytes on stdin; $2: CPU seconds; $3: file size, 512-byte blocks; $4: open files; then the command.
 _WRAPPER = f"""n=$1 cpu=$2 fsize=$3 nofile=$4; shift 4
@@ -88,7 +85,7 @@ if [ "$n" -gt 0 ]; then head -c "$n" | tar -xf - -C {WORKDIR} || exit {_SETUP_FA
 ulimit -c 0 && ulimit -S -t "$cpu" && ulimit -H -t $((cpu + 1)) && ulimit -f "$fsize" \\
   && ulimit -n "$nofile" || exit {_SETUP_FAILED}
 unset HOSTNAME PWD OLDPWD
-printf '[rlstack docker sandbox: ready]\\n' >&2
+printf '{READY.decode().strip()}\\n' >&2
 "$@"
 rc=$?
 kill -9 -1 2>/dev/null
@@ -208,7 +205,7 @@ class DockerSandbox(Sandbox):
         if self._closed:
             raise SandboxError("this DockerSandbox is closed")
         limits = limits or Limits()
-        archive = _archive(dict(files or {}))
+        archive = tar_files(dict(files or {}))
         data = archive + (stdin.encode() if isinstance(stdin, str) else bytes(stdin))
         import docker.errors
 
@@ -251,11 +248,9 @@ class DockerSandbox(Sandbox):
         start = time.monotonic()
         conn = api.exec_start(exec_id, socket=True)
         try:
-            streams, timed_out = _communicate(
-                conn, data, start + limits.wall_seconds, limits.max_output_bytes
-            )
+            streams, timed_out = exchange(conn, data, start + limits.wall_seconds, limits.max_output_bytes)
         finally:
-            _close(conn)
+            close_exec(conn)
         wall = time.monotonic() - start
         cap = limits.max_output_bytes
         (out, out_total), (err, err_total), ready = streams["stdout"], streams["stderr"], streams["ready"]
@@ -266,7 +261,7 @@ class DockerSandbox(Sandbox):
             exit_code, detail = None, f"wall-clock limit of {limits.wall_seconds:g} s"
         else:
             exit_code = self._exit_code(exec_id)
-            if ready != _READY:
+            if ready != READY:
                 message = (ready + err).decode(errors="replace").strip()[-2000:]
                 return RunResult("error", None, "", "", wall, detail=f"sandbox set-up failed: {message}")
             if exit_code is None:
@@ -477,123 +472,6 @@ class _Pool:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-
-def _archive(files: dict[str, str | bytes]) -> bytes:
-    """The files as an uncompressed tar (parents first), or b"" when there are none."""
-    if not files:
-        return b""
-    buffer = io.BytesIO()
-    now = time.time()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
-        for name, content in files.items():
-            rel = PurePosixPath(name)
-            if not name or rel.is_absolute() or ".." in rel.parts or not isinstance(content, str | bytes):
-                raise ValueError(
-                    f"sandbox file {name!r}: names must be relative paths inside the working directory "
-                    "(no '..') and contents str or bytes"
-                )
-            for parent in reversed(rel.parents[:-1]):
-                if str(parent) not in dirs:
-                    dirs.add(str(parent))
-                    info = tarfile.TarInfo(str(parent))
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
-                    tar.addfile(info)
-            body = content.encode() if isinstance(content, str) else content
-            info = tarfile.TarInfo(str(rel))
-            info.size, info.mode, info.mtime = len(body), 0o644, now
-            tar.addfile(info, io.BytesIO(body))
-    return buffer.getvalue()
-
-
-def _communicate(conn: Any, data: bytes, deadline: float, cap: int) -> tuple[dict[str, Any], bool]:
-    """Write `data` to the exec's stdin (then half-close it) while reading its multiplexed output (8-byte
-    frame headers: stream 1 stdout, 2 stderr; size) until it closes or the deadline passes. Keeps the first
-    `cap` bytes of each stream and counts the rest; the wrapper's ready marker is kept apart."""
-    sock: socket.socket = getattr(conn, "_sock", conn)
-    sock.setblocking(False)
-    kept = {1: bytearray(), 2: bytearray()}
-    totals = {1: 0, 2: 0}
-    ready = bytearray()
-    header = bytearray()
-    stream, remaining = 0, 0
-    offset = 0
-    timed_out = False
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if data else 0))
-        if not data:
-            sock.shutdown(socket.SHUT_WR)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            events = sel.select(deadline - now)
-            if not events:
-                continue
-            mask = events[0][1]
-            if mask & selectors.EVENT_WRITE:
-                try:
-                    offset += sock.send(data[offset : offset + 65536])
-                except BlockingIOError:
-                    pass
-                except OSError:  # the process closed its stdin or ended
-                    offset = len(data)
-                if offset >= len(data):
-                    sel.modify(sock, selectors.EVENT_READ)
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_WR)
-            if not mask & selectors.EVENT_READ:
-                continue
-            try:
-                chunk = sock.recv(262144)
-            except BlockingIOError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            i = 0
-            while i < len(chunk):
-                if remaining == 0:
-                    need = 8 - len(header)
-                    header += chunk[i : i + need]
-                    i += need
-                    if len(header) == 8:
-                        stream, remaining = header[0], int.from_bytes(header[4:8], "big")
-                        header.clear()
-                    continue
-                piece = chunk[i : i + remaining]
-                i += len(piece)
-                remaining -= len(piece)
-                if stream == 2 and len(ready) < len(_READY):
-                    take = len(_READY) - len(ready)
-                    ready += piece[:take]
-                    piece = piece[take:]
-                key = 2 if stream == 2 else 1
-                totals[key] += len(piece)
-                room = cap - len(kept[key])
-                if room > 0:
-                    kept[key] += piece[:room]
-    result = {
-        "stdout": (bytes(kept[1]), totals[1]),
-        "stderr": (bytes(kept[2]), totals[2]),
-        "ready": bytes(ready),
-    }
-    return result, timed_out
-
-
-def _close(conn: Any) -> None:
-    """Close the exec's hijacked connection (and the HTTP response the SDK keeps with it)."""
-    with contextlib.suppress(Exception):
-        getattr(conn, "_sock", conn).close()
-    with contextlib.suppress(Exception):
-        conn.close()
-    response = getattr(conn, "_response", None)
-    if response is not None:
-        with contextlib.suppress(Exception):
-            response.close()
 
 
 def _oom_file(pid: int, cid: str) -> Path | None:
