@@ -30,7 +30,8 @@ rewarded by rlstack's `math` reward (TRL-compatible), fp32, on 2 cores:
   in one process, with 2 threads and with 1.
 
 A fresh model almost never answers right, so rewards and advantages are about 0 and the weights barely
-move; neither side short-cuts on that (the loss, backward and optimizer step run in full), and rlstack's
+move; neither side short-cuts on that (the loss, backward and optimizer step run in full: rlstack's
+zero-signal skip, which came later, is turned off for these sizes), and rlstack's
 changed-only weight sync is turned off so each step ships the whole model, as in a real run. Each
 measurement runs in its own subprocess, one after another; the first `--warmup` steps are not timed.
 The machine must be otherwise idle: each run prints the load average, and OpenMP threads slow down
@@ -142,8 +143,8 @@ def rlstack_config(
         # and skip their backward, measuring less work, not faster work. GRPO with pi_old from the training
         # forward trains every token, as TRL does.
         overrides.append("algorithm.name=grpo")
-    else:
-        overrides.append(f"rollout.sampling.min_tokens={size.tokens}")
+    else:  # every advantage is 0 (see the docstring): train every row anyway, as TRL does
+        overrides += [f"rollout.sampling.min_tokens={size.tokens}", "learner.skip_zero_signal=false"]
     return load_config(DEMO_CONFIG, overrides)
 
 
