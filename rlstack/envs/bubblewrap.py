@@ -60,6 +60,7 @@ from rlstack.envs.sandbox import (
     Sandbox,
     SandboxError,
     check_command,
+    checked_files,
     truncate,
 )
 
@@ -175,7 +176,7 @@ class BubblewrapSandbox(Sandbox):
             if self.python is None:
                 raise SandboxError("no python3 under /usr for the bubblewrap sandbox; pass python=...")
             argv = [self.python, "-I", "-S", *argv[1:]]
-        entries = _check_files(files or {})
+        entries = checked_files(files or {})
         limits = limits or Limits()
         data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
         try:
@@ -307,19 +308,6 @@ class BubblewrapSandbox(Sandbox):
             args += ["--perms", "0644", "--file", data(content), f"{WORKDIR}/{rel}"]
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR]
         return args
-
-
-def _check_files(files: Files) -> list[tuple[PurePosixPath, bytes]]:
-    entries = []
-    for name, content in files.items():
-        rel = PurePosixPath(name)
-        if not name or rel.is_absolute() or ".." in rel.parts or not isinstance(content, str | bytes):
-            raise ValueError(
-                f"sandbox file {name!r}: names must be relative paths inside the working directory "
-                "(no '..') and contents str or bytes"
-            )
-        entries.append((rel, content.encode() if isinstance(content, str) else bytes(content)))
-    return entries
 
 
 def _memfd(content: bytes) -> int:

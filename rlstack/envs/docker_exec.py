@@ -9,8 +9,9 @@ import selectors
 import socket
 import tarfile
 import time
-from pathlib import PurePosixPath
 from typing import Any
+
+from rlstack.envs.sandbox import checked_files
 
 READY = b"[rlstack docker sandbox: ready]\n"  # not "rlstack-sandbox-": process.sandbox_processes
 """What the wrapper writes on stderr once the files are unpacked; `exchange` keeps it apart."""
@@ -24,20 +25,13 @@ def tar_files(files: dict[str, str | bytes]) -> bytes:
     now = time.time()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs: set[str] = set()
-        for name, content in files.items():
-            rel = PurePosixPath(name)
-            if not name or rel.is_absolute() or ".." in rel.parts or not isinstance(content, str | bytes):
-                raise ValueError(
-                    f"sandbox file {name!r}: names must be relative paths inside the working directory "
-                    "(no '..') and contents str or bytes"
-                )
+        for rel, body in checked_files(files):
             for parent in reversed(rel.parents[:-1]):
                 if str(parent) not in dirs:
                     dirs.add(str(parent))
                     info = tarfile.TarInfo(str(parent))
                     info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
                     tar.addfile(info)
-            body = content.encode() if isinstance(content, str) else content
             info = tarfile.TarInfo(str(rel))
             info.size, info.mode, info.mtime = len(body), 0o644, now
             tar.addfile(info, io.BytesIO(body))

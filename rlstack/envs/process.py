@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from rlstack.envs.sandbox import (
     Files,
@@ -53,6 +53,7 @@ from rlstack.envs.sandbox import (
     Sandbox,
     SandboxError,
     check_command,
+    checked_files,
     truncate,
 )
 
@@ -359,16 +360,10 @@ def _communicate(
 
 
 def _write_files(workdir: Path, files: dict[str, str | bytes], uid: int | None) -> None:
-    for name, content in files.items():
-        rel = PurePosixPath(name)
-        if not name or rel.is_absolute() or ".." in rel.parts or not isinstance(content, str | bytes):
-            raise ValueError(
-                f"sandbox file {name!r}: names must be relative paths inside the working directory "
-                "(no '..') and contents str or bytes"
-            )
+    for rel, body in checked_files(files):
         path = workdir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        path.write_bytes(body)
     if uid is not None:  # the sandbox uid owns its working directory and may change what it was given
         for root, dirs, names in os.walk(workdir):
             for entry in (root, *(os.path.join(root, n) for n in dirs + names)):

@@ -17,6 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import ClassVar, Literal
 
 Files = Mapping[str, str | bytes]
@@ -127,6 +128,22 @@ def check_command(command: Sequence[str]) -> list[str]:
     if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
         raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
     return list(command)
+
+
+def checked_files(files: Mapping[str, str | bytes]) -> list[tuple[PurePosixPath, bytes]]:
+    """A run's files as (path relative to the working directory, content), all checked before any is
+    written: a ValueError names a file whose name is empty, absolute or has '..', or whose content is not
+    str or bytes."""
+    entries = []
+    for name, content in files.items():
+        rel = PurePosixPath(name)
+        if not name or rel.is_absolute() or ".." in rel.parts or not isinstance(content, str | bytes):
+            raise ValueError(
+                f"sandbox file {name!r}: names must be relative paths inside the working directory "
+                "(no '..') and contents str or bytes"
+            )
+        entries.append((rel, content.encode() if isinstance(content, str) else bytes(content)))
+    return entries
 
 
 def truncate(data: bytes, total: int, cap: int) -> str:
