@@ -106,10 +106,14 @@ class RolloutConfig(StrictModel):
     """Skip the tensors whose content did not change since the last push (compared by digest)."""
 
     @model_validator(mode="after")
-    def _check_partial(self) -> RolloutConfig:
+    def _check_logits_processors(self) -> RolloutConfig:
         bad = [name for name in self.logits_processors if name.count(":") != 1 or ":" in (name[0], name[-1])]
         if bad:
             raise ValueError(f"rollout.logits_processors: {bad} is not of the form 'module:Class'")
+        return self
+
+    @model_validator(mode="after")
+    def _check_partial(self) -> RolloutConfig:
         if self.partial_rollouts and self.engine != "async":
             raise ValueError("rollout.partial_rollouts needs rollout.engine 'async' (vLLM's AsyncLLM)")
         return self
